@@ -1,0 +1,440 @@
+"""Typed configuration for the model, data and training, parsed in one place.
+
+Every size and switch of the model is a field here. Presets (``tiny``, ``base``) are registered
+builder functions returning a :class:`ModelConfig`. Configs are plain dataclasses that round-trip
+through dictionaries and YAML; parsing is strict: an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the dotted field path (e.g. ``model.sam.lora_rank``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamConfig:
+    """SAM image encoder, prompt encoder and mask decoder (segment-anything modules)."""
+
+    image_size: int = 1024
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    prompt_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    # Adapters: LoRA on the frozen image encoder.
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])
+    # Which encoder blocks get LoRA (empty = all).
+    lora_blocks: list[int] = field(default_factory=list)
+    # "lora": LoRA on the decoder's attention projections; "train": whole decoder trainable;
+    # "frozen": decoder fixed.
+    decoder_mode: str = "lora"
+    decoder_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    prompt_encoder_trainable: bool = True
+    # Path to an official SAM ``.pth`` (e.g. sam_vit_b_01ec64.pth); None = random init.
+    checkpoint: str | None = None
+
+
+@dataclass
+class ClipVisionConfig:
+    """BiomedCLIP vision tower (timm ViT inside open_clip's TimmModel)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    # LoRA on the qkv of the last ``lora_last_blocks`` blocks (0 = none).
+    lora_last_blocks: int = 2
+    # Fully unfreeze the last ``unfreeze_last_blocks`` blocks (0 = none; costs many parameters).
+    unfreeze_last_blocks: int = 0
+
+
+@dataclass
+class ClipTextConfig:
+    """BiomedCLIP text tower (BERT via transformers inside open_clip's HFTextEncoder)."""
+
+    vocab_size: int = 30522
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    context_length: int = 256
+    # CoOp context vectors inserted after [CLS].
+    n_ctx: int = 16
+    ctx_init_std: float = 0.02
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_last_layers: int = 0
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
+class ClipConfig:
+    """BiomedCLIP: both towers and the shared embedding size."""
+
+    embed_dim: int = 512
+    vision: ClipVisionConfig = field(default_factory=ClipVisionConfig)
+    text: ClipTextConfig = field(default_factory=ClipTextConfig)
+    # Local open_clip folder (open_clip_config.json, open_clip_pytorch_model.bin, tokenizer files);
+    # None = random init with the built-in tokenizer.
+    checkpoint: str | None = None
+
+
+@dataclass
+class BottleneckConfig:
+    """M2IB information bottleneck with a text-conditioned gate network."""
+
+    layer: int = 8  # bottleneck inserted after this vision block (1-based)
+    gate_hidden: int = 32
+    beta: float = 0.1
+    noise: bool = True  # sample eps ~ N(0, 1) while training
+
+
+@dataclass
+class CRFConfig:
+    """Differentiable mean-field CRF with local-window Gaussian + bilateral kernels."""
+
+    enabled: bool = True
+    iterations: int = 5
+    kernel_size: int = 7
+    resolution: int = 64  # the CRF runs on a resolution x resolution grid
+    gaussian_sigma: float = 3.0  # pixels at ``resolution``
+    gaussian_weight: float = 3.0
+    bilateral_sigma_xy: float = 5.0
+    bilateral_sigma_rgb: float = 0.1  # intensity units of images in [0, 1]
+    bilateral_weight: float = 5.0
+    learnable_weights: bool = False
+
+
+@dataclass
+class BoxConfig:
+    """Saliency -> box prompts."""
+
+    threshold: float = 0.5
+    mode: str = "enclosing"  # "enclosing" (one box) or "components" (one per component, top-k)
+    top_k: int = 3
+    min_area: float = 0.002  # components smaller than this fraction of the image are ignored
+    grid: int = 64  # boxes are found on a grid x grid resampling of the saliency
+
+
+@dataclass
+class PromptConfig:
+    """Projections from CLIP into SAM's sparse and dense prompt spaces."""
+
+    text_tokens: int = 2
+    dense_hidden: int = 16
+    use_patch_features: bool = False
+    use_boxes: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Weights and hyper-parameters of the training losses."""
+
+    dice: float = 1.0
+    bce: float = 1.0
+    nce: float = 0.1
+    ib: float = 0.1
+    saliency: float = 0.5
+    nce_tau: float = 0.6
+    nce_beta1: float = 0.15
+    nce_beta2: float = 0.15
+
+
+@dataclass
+class ModelConfig:
+    """The whole prompt-driven SAM."""
+
+    preset: str = "custom"
+    sam: SamConfig = field(default_factory=SamConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    boxes: BoxConfig = field(default_factory=BoxConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """A folder dataset ``<root>/<centre>/{images,masks}`` and its split."""
+
+    root: str = "../shared/data/polyp"
+    centres: list[str] = field(default_factory=list)  # empty = every centre folder under root
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    split_file: str | None = None
+    on_error: str = "raise"  # "raise" or "skip" (skips are reported, never silent)
+    augment: bool = True
+    prompt_mode: str = "attributes"  # "attributes" captions or "class" (the class name only)
+    class_name: str = "polyp"
+
+
+@dataclass
+class TrainConfig:
+    """Single-site training."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    num_workers: int = 0
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA
+    eval_batch_size: int = 8
+    progress: bool = True
+    proximal_mu: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass ``cls`` from a (possibly partial) mapping, strictly.
+
+    Args:
+        cls: The dataclass type.
+        data: Mapping of field name to value; nested dataclasses take nested mappings.
+        path: Dotted prefix used in error messages.
+
+    Raises:
+        ConfigError: On an unknown key or a value of the wrong type, naming the field.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or cls.__name__
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def merge(cfg: T, overrides: dict[str, Any], path: str = "") -> T:
+    """Return a copy of dataclass ``cfg`` with (nested) ``overrides`` applied strictly."""
+    return from_dict(type(cfg), _deep_update(to_dict(cfg), overrides, path, type(cfg)), path)
+
+
+def _deep_update(base: dict, upd: dict, path: str, cls: type) -> dict:
+    out = dict(base)
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in upd.items():
+        if key not in names:
+            where = path or cls.__name__
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys are {sorted(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out[key] = _deep_update(base[key], value, f"{path}.{key}" if path else key, tp)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain nested dict (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a dataclass config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register_preset(name: str) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
+    """Decorator adding a ModelConfig builder to :data:`PRESETS`."""
+
+    def deco(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+        PRESETS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_preset("base")
+def base_config() -> ModelConfig:
+    """SAM ViT-B (1024 px) + BiomedCLIP ViT-B/16 + BERT-base: the real architecture."""
+    return ModelConfig(preset="base")
+
+
+@register_preset("tiny")
+def tiny_config() -> ModelConfig:
+    """A small random-init model for tests, the demo and CPU training (128 px)."""
+    return ModelConfig(
+        preset="tiny",
+        sam=SamConfig(
+            image_size=128,
+            patch_size=8,
+            width=128,
+            depth=4,
+            heads=4,
+            window_size=8,
+            global_attn_indexes=[1, 3],
+            prompt_dim=64,
+            mask_in_chans=8,
+            decoder_depth=2,
+            decoder_mlp_dim=256,
+            decoder_heads=4,
+            iou_head_hidden_dim=64,
+            decoder_mode="train",
+        ),
+        clip=ClipConfig(
+            embed_dim=64,
+            vision=ClipVisionConfig(
+                image_size=64, patch_size=8, width=64, depth=4, heads=4, lora_last_blocks=2
+            ),
+            text=ClipTextConfig(
+                vocab_size=512,
+                width=64,
+                depth=2,
+                heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+                context_length=48,
+                n_ctx=4,
+                lora_last_layers=1,
+            ),
+        ),
+        bottleneck=BottleneckConfig(layer=2, gate_hidden=16),
+        crf=CRFConfig(iterations=3, kernel_size=5, resolution=32, gaussian_sigma=1.5,
+                      bilateral_sigma_xy=2.5),
+        boxes=BoxConfig(grid=32),
+        prompts=PromptConfig(text_tokens=2, dense_hidden=8),
+    )
+
+
+def get_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """Return the named preset's ModelConfig, with optional nested overrides.
+
+    Raises:
+        ConfigError: If the preset is unknown or an override is invalid.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; available: {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return merge(cfg, overrides, "model") if overrides else cfg

@@ -49,8 +49,12 @@ class SamConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     num_multimask_outputs: int = 3
+    multimask: bool = False  # train/predict with SAM's multimask outputs (else the single-mask token)
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    # Image-encoder attention: "sdpa" (F.scaled_dot_product_attention with the rel-pos bias as
+    # the mask; same parameters and outputs) or "sam" (segment-anything's own forward).
+    attention: str = "sdpa"
     # Adapters: LoRA on the frozen image encoder.
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -175,6 +179,7 @@ class LossConfig:
     nce: float = 0.1
     ib: float = 0.1
     saliency: float = 0.5
+    iou: float = 1.0  # MSE between SAM's IoU prediction and the IoU of its own mask
     nce_tau: float = 0.6
     nce_beta1: float = 0.15
     nce_beta2: float = 0.15
@@ -185,6 +190,8 @@ class ModelConfig:
     """The whole prompt-driven SAM."""
 
     preset: str = "custom"
+    # Seed of the random initialisation: frozen random weights must be identical at every site.
+    init_seed: int = 0
     sam: SamConfig = field(default_factory=SamConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
@@ -438,3 +445,210 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfi
         raise ConfigError(f"model.preset: unknown preset {name!r}; available: {sorted(PRESETS)}")
     cfg = PRESETS[name]()
     return merge(cfg, overrides, "model") if overrides else cfg
+
+
+def model_config_from_dict(data: dict[str, Any] | None, path: str = "model") -> ModelConfig:
+    """``{"preset": "tiny", "sam": {...}, ...}`` -> the preset's ModelConfig with the rest as overrides."""
+    data = dict(data or {})
+    preset = data.pop("preset", "tiny")
+    if not isinstance(preset, str):
+        raise ConfigError(f"{path}.preset: expected a string, got {preset!r}")
+    cfg = get_preset(preset)
+    return merge(cfg, data, path) if data else cfg
+
+
+@dataclass
+class SiteExperiment:
+    """A single-site run: model, data and training settings (the ``train`` command's YAML)."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+
+def site_experiment_from_dict(data: dict[str, Any], source: str = "config") -> SiteExperiment:
+    """Parse ``{"model": {...}, "data": {...}, "train": {...}}`` strictly, naming ``source`` in errors."""
+    unknown = sorted(set(data) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: ['data', 'model', 'train']")
+    try:
+        return SiteExperiment(
+            model=model_config_from_dict(data.get("model")),
+            data=from_dict(DataConfig, data.get("data") or {}, "data"),
+            train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+        )
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Federation (Flower run config)
+# --------------------------------------------------------------------------------------------
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
+PARTITION_MODES = ("centre", "iid", "dirichlet")
+
+
+@dataclass
+class FederationConfig:
+    """Server and client settings of a federated run (run-config keys are the kebab-case names)."""
+
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"  # one of STRATEGIES
+    # global += server_lr * aggregated delta (fedavg, fedprox, fedmedian, fedtrimmedavg).
+    server_lr: float = 1.0
+    proximal_mu: float = 0.01  # fedprox
+    trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    adam_eta: float = 1e-3  # fedadam: server step size (Flower's eta)
+    adam_beta_1: float = 0.9
+    adam_beta_2: float = 0.99
+    adam_tau: float = 1e-6
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2  # minimum available / train / evaluate nodes
+    local_steps: int = 10  # optimiser steps per client per round
+    wire_dtype: str = "float32"  # float32 | float16 | bfloat16, both directions
+    max_update_norm: float = 0.0  # L2 bound on a client's delta (0 = no bound)
+    keep_optimizer_state: bool = False  # carry AdamW state across rounds in context.state
+    seed: int = 0  # initial state, client seeds per (seed, round, partition), node sampling
+    device: str = "cpu"  # clients and server-side evaluation ("auto" = CUDA if present)
+    eval_batch_size: int = 8
+    global_eval: str = "val"  # "val" / "test" (pooled over partitions), "none", or a folder
+    run_dir: str = ""  # checkpoints, metrics and report; required by the server
+    resume: bool = False  # continue from run_dir/checkpoint.pt
+    keep_round_checkpoints: bool = False  # also keep run_dir/checkpoints/round-NNN.pt
+    reply_timeout: float = 3600.0  # seconds to wait for replies each round
+
+
+@dataclass
+class PartitionConfig:
+    """How simulated hospitals split a pooled folder (run-config keys ``partition-*``)."""
+
+    mode: str = "centre"  # one of PARTITION_MODES
+    hospitals: int = 0  # number of simulated hospitals (0 = deployment: real sites, no partitioning)
+    dirichlet_alpha: float = 0.5  # size skew: smaller = more unequal
+    min_size: int = 4  # every partition gets at least this many samples
+    seed: int = 0
+
+
+@dataclass
+class RunSettings:
+    """Everything a ServerApp / ClientApp reads from ``context.run_config``, typed."""
+
+    federation: FederationConfig
+    partition: PartitionConfig
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+
+
+_RUN_JSON_KEYS = ("model-config", "train-config", "data-config")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def to_run_config(
+    federation: FederationConfig,
+    partition: PartitionConfig,
+    model: dict[str, Any],
+    train: TrainConfig,
+    data: DataConfig,
+) -> dict[str, bool | int | float | str]:
+    """Map typed settings onto Flower's flat run config (kebab-case keys, scalar values).
+
+    Federation fields keep their names (``num-server-rounds``, ``wire-dtype``); partition fields
+    get a ``partition-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
+    configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``.
+    """
+    import json
+
+    out: dict[str, bool | int | float | str] = {}
+    for f in dataclasses.fields(federation):
+        out[_kebab(f.name)] = getattr(federation, f.name)
+    for f in dataclasses.fields(partition):
+        out["partition-" + _kebab(f.name)] = getattr(partition, f.name)
+    out["model-config"] = json.dumps(model, sort_keys=True)
+    out["train-config"] = json.dumps(to_dict(train), sort_keys=True)
+    out["data-config"] = json.dumps(to_dict(data), sort_keys=True)
+    return out
+
+
+def _scalar_section(cls: type[T], run_config: dict[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + _kebab(f.name)
+        if key in run_config:
+            kwargs[f.name] = _coerce(run_config[key], hints[f.name], key)
+    return cls(**kwargs)
+
+
+def from_run_config(run_config: dict[str, Any]) -> RunSettings:
+    """Parse Flower's ``context.run_config`` strictly into :class:`RunSettings`.
+
+    Missing keys take the dataclass defaults.
+
+    Raises:
+        ConfigError: On an unknown key, a value of the wrong type, invalid JSON, or an invalid
+            choice; the message names the run-config key (and the nested field).
+    """
+    import json
+
+    fed_keys = {_kebab(f.name) for f in dataclasses.fields(FederationConfig)}
+    part_keys = {"partition-" + _kebab(f.name) for f in dataclasses.fields(PartitionConfig)}
+    unknown = sorted(set(run_config) - fed_keys - part_keys - set(_RUN_JSON_KEYS))
+    if unknown:
+        raise ConfigError(f"run config: unknown key(s) {unknown}")
+    federation = _scalar_section(FederationConfig, run_config, "")
+    partition = _scalar_section(PartitionConfig, run_config, "partition-")
+    parsed: dict[str, dict] = {}
+    for key in _RUN_JSON_KEYS:
+        text = run_config.get(key, "{}")
+        if not isinstance(text, str):
+            raise ConfigError(f"{key}: expected a JSON string, got {type(text).__name__}")
+        try:
+            parsed[key] = json.loads(text or "{}")
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{key}: invalid JSON: {err}") from None
+        if not isinstance(parsed[key], dict):
+            raise ConfigError(f"{key}: expected a JSON object, got {type(parsed[key]).__name__}")
+    settings = RunSettings(
+        federation=federation,
+        partition=partition,
+        model=model_config_from_dict(parsed["model-config"], "model-config"),
+        train=from_dict(TrainConfig, parsed["train-config"], "train-config"),
+        data=from_dict(DataConfig, parsed["data-config"], "data-config"),
+    )
+    check_federation(settings.federation, settings.partition)
+    return settings
+
+
+def check_federation(fed: FederationConfig, part: PartitionConfig) -> None:
+    """Check choices and ranges, raising ConfigError naming the field."""
+    from .exchange import WIRE_DTYPES
+
+    if fed.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy: {fed.strategy!r} not in {list(STRATEGIES)}")
+    if fed.wire_dtype not in WIRE_DTYPES:
+        raise ConfigError(f"wire-dtype: {fed.wire_dtype!r} not in {sorted(WIRE_DTYPES)}")
+    if part.mode not in PARTITION_MODES:
+        raise ConfigError(f"partition-mode: {part.mode!r} not in {list(PARTITION_MODES)}")
+    checks = [
+        ("num-server-rounds", fed.num_server_rounds >= 1, "must be >= 1"),
+        ("local-steps", fed.local_steps >= 1, "must be >= 1"),
+        ("min-nodes", fed.min_nodes >= 1, "must be >= 1"),
+        ("fraction-train", 0.0 < fed.fraction_train <= 1.0, "must be in (0, 1]"),
+        ("fraction-evaluate", 0.0 <= fed.fraction_evaluate <= 1.0, "must be in [0, 1]"),
+        ("trimmed-beta", 0.0 <= fed.trimmed_beta < 0.5, "must be in [0, 0.5)"),
+        ("max-update-norm", fed.max_update_norm >= 0.0, "must be >= 0 (0 = no bound)"),
+        ("server-lr", fed.server_lr > 0.0, "must be > 0"),
+        ("proximal-mu", fed.proximal_mu >= 0.0, "must be >= 0"),
+        ("partition-dirichlet-alpha", part.dirichlet_alpha > 0.0, "must be > 0"),
+        ("partition-min-size", part.min_size >= 1, "must be >= 1"),
+        ("partition-hospitals", part.hospitals >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")

@@ -1,0 +1,181 @@
+"""Inference on images of any size: image(s) + text prompt -> mask, saliency, boxes; overlays.
+
+Images are resized to the model's input size, segmented in batches, and the outputs are mapped
+back to each image's own size. Optional user boxes/points (a clinician's correction) are given in
+the ORIGINAL image's pixel coordinates and replace the saliency-derived boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from .model import PromptSAM
+from .train import autocast_for, resolve_device
+
+
+@dataclass
+class Prediction:
+    """One image's prediction, at the image's own size (H x W).
+
+    Attributes:
+        mask: H x W bool.
+        probability: H x W float32 in [0, 1].
+        saliency: H x W float32 in [0, 1] (CRF-refined).
+        boxes: list of [x0, y0, x1, y1] in image pixels (the prompts used).
+        score: predicted mask quality (SAM's IoU head).
+        confidence: mean probability inside the predicted mask (0 when empty).
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    saliency: np.ndarray
+    boxes: list[list[float]]
+    score: float
+    confidence: float
+
+    def summary(self) -> dict:
+        """JSON-able summary: boxes, area (pixels and fraction), score and confidence."""
+        area = int(self.mask.sum())
+        return {
+            "boxes": [[round(v, 1) for v in b] for b in self.boxes],
+            "area_pixels": area,
+            "area_fraction": area / self.mask.size,
+            "components": int(ndimage.label(self.mask)[1]),
+            "score": self.score,
+            "confidence": self.confidence,
+        }
+
+
+def to_tensor(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
+    """H x W x 3 uint8 (or PIL) -> 3 x size x size float in [0, 1]."""
+    arr = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB"), dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+@torch.no_grad()
+def predict_images(
+    model: PromptSAM,
+    images: Sequence[np.ndarray | Image.Image],
+    prompt: str | Sequence[str] = "polyp",
+    boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+    points: Sequence[tuple[Sequence[Sequence[float]], Sequence[int]] | None] | None = None,
+    threshold: float = 0.5,
+    batch_size: int = 4,
+    device: str | torch.device | None = "auto",
+) -> list[Prediction]:
+    """Segment images with a text prompt, optionally corrected by user boxes or points.
+
+    Args:
+        model: A built (and trained) PromptSAM.
+        images: H_i x W_i x 3 uint8 arrays or PIL images.
+        prompt: One prompt for all images or one per image.
+        boxes: Per image, None or a list of [x0, y0, x1, y1] in that image's pixels.
+        points: Per image, None or (list of [x, y], list of labels 1=fg/0=bg) in its pixels.
+        threshold: Probability threshold of the mask.
+        batch_size: Images per forward pass (images with user prompts go one at a time).
+        device: Device (``"auto"``: CUDA when present).
+
+    Returns:
+        One :class:`Prediction` per image.
+    """
+    device = resolve_device(device)
+    model.to(device).eval()
+    n = len(images)
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for {n} images")
+    boxes = list(boxes) if boxes is not None else [None] * n
+    points = list(points) if points is not None else [None] * n
+    size = model.image_size
+    results: list[Prediction] = []
+    plain = [i for i in range(n) if boxes[i] is None and points[i] is None]
+    order = [plain[i : i + batch_size] for i in range(0, len(plain), batch_size)]
+    order += [[i] for i in range(n) if i not in set(plain)]
+    by_index: dict[int, Prediction] = {}
+    for group in order:
+        sizes = [np.asarray(images[i]).shape[:2] for i in group]
+        batch = torch.stack([to_tensor(images[i], size) for i in group]).to(device)
+        kwargs = {}
+        if boxes[group[0]] is not None:
+            kwargs["boxes"] = _scale_coords(boxes[group[0]], sizes[0], size, device).reshape(1, -1, 4)
+        if points[group[0]] is not None:
+            coords, labels = points[group[0]]
+            kwargs["points"] = (
+                _scale_coords(coords, sizes[0], size, device).reshape(1, -1, 2),
+                torch.as_tensor(labels, device=device).reshape(1, -1),
+            )
+        with autocast_for(device, True):
+            out = model(batch, [prompts[i] for i in group], **kwargs)
+        prob = torch.sigmoid(out.mask_logits.float())
+        for j, i in enumerate(group):
+            by_index[i] = _to_prediction(out, prob, j, sizes[j], size, threshold)
+    results = [by_index[i] for i in range(n)]
+    return results
+
+
+def _scale_coords(coords, hw: tuple[int, int], size: int, device) -> torch.Tensor:
+    """Image-pixel x/y coordinates -> model-input pixels (x scaled by size/W, y by size/H)."""
+    t = torch.as_tensor(coords, dtype=torch.float32, device=device).reshape(-1, 2)
+    scale = torch.tensor([size / hw[1], size / hw[0]], device=device)
+    return t * scale
+
+
+def _to_prediction(out, prob: torch.Tensor, j: int, hw: tuple[int, int], size: int, threshold: float) -> Prediction:
+    def resize(x: torch.Tensor) -> np.ndarray:
+        return F.interpolate(x[j : j + 1].float(), size=hw, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+
+    p = resize(prob)
+    mask = p > threshold
+    sx, sy = hw[1] / size, hw[0] / size
+    boxes = [
+        [float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy]
+        for b, ok in zip(out.boxes[j].tolist(), out.box_valid[j].tolist())
+        if ok
+    ]
+    return Prediction(
+        mask=mask,
+        probability=p.astype(np.float32),
+        saliency=resize(out.refined_saliency).clip(0, 1).astype(np.float32),
+        boxes=boxes,
+        score=float(out.iou_pred[j].float().mean()),
+        confidence=float(p[mask].mean()) if mask.any() else 0.0,
+    )
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """H x W in [0, 1] -> H x W x 3 uint8 with the 'jet' colour map."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["jet"]
+    return (cmap(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(
+    image: np.ndarray | Image.Image,
+    pred: Prediction,
+    truth: np.ndarray | None = None,
+    alpha: float = 0.4,
+) -> Image.Image:
+    """Image with the saliency heatmap blended in, the mask contour (green), the ground-truth
+    contour (yellow, if given) and the box prompts (cyan)."""
+    img = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB")).astype(np.float32)
+    blended = (1 - alpha) * img + alpha * heatmap(pred.saliency).astype(np.float32)
+    out = blended.astype(np.uint8)
+    for mask, colour in ((truth, (255, 255, 0)), (pred.mask, (0, 255, 0))):
+        if mask is not None:
+            edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(img.shape[:2]) // 150))
+            out[edge] = colour
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil)
+    width = max(1, min(img.shape[:2]) // 150)
+    for box in pred.boxes:
+        draw.rectangle(box, outline=(0, 255, 255), width=width)
+    return pil

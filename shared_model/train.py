@@ -1,0 +1,175 @@
+"""Single-site training (no Flower imports): the function every hospital's client calls."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .model import PromptSAM
+
+
+@dataclass
+class TrainResult:
+    """Summary of one local training run.
+
+    Attributes:
+        loss: Mean total loss over the last ``min(steps, 20)`` steps.
+        steps: Optimiser steps taken.
+        num_examples: Images seen (steps x batch size).
+        seconds: Wall-clock time.
+        optimizer_state: AdamW state dict (to carry across federated rounds), or None.
+        history: Per-step dicts of the loss parts.
+    """
+
+    loss: float
+    steps: int
+    num_examples: int
+    seconds: float
+    optimizer_state: dict | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None -> CUDA when available else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up to 1 over ``warmup`` steps, cosine decay to ``floor``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def infinite_batches(loader: DataLoader) -> Iterator[dict]:
+    """Cycle through a DataLoader forever (reshuffling each pass)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the training set is empty")
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    """A seeded DataLoader over a PolypDataset (dict items)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def proximal_term(model: PromptSAM, reference: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: ``mu / 2 * ||w - w_ref||^2`` over the trainable parameters."""
+    total = None
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            diff = (p - reference[name].to(p.device, p.dtype)).pow(2).sum()
+            total = diff if total is None else total + diff
+    return 0.5 * mu * total
+
+
+def train_model(
+    model: PromptSAM,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    device: str | torch.device | None = "cpu",
+    steps: int | None = None,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train the model's trainable parameters with AdamW.
+
+    Args:
+        model: The model; only parameters with ``requires_grad`` are optimised.
+        dataset: Items ``{"image": 3 x S x S, "mask": 1 x S x S, "text": str}``.
+        cfg: Training hyper-parameters (lr, warm-up, clipping, batch size, bf16 on CUDA, ...).
+        device: Device (``"auto"`` picks CUDA when present).
+        steps: Optimiser steps (default ``cfg.steps``).
+        proximal_reference: Global exchanged state for FedProx's term (used if
+            ``cfg.proximal_mu > 0``).
+        optimizer_state: AdamW state from a previous call to continue from.
+        on_step: Optional callback ``(step, parts)`` after each step.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    device = resolve_device(device)
+    steps = cfg.steps if steps is None else steps
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, steps)
+    )
+    loader = make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.num_workers)
+    batches = infinite_batches(loader)
+    use_prox = proximal_reference is not None and cfg.proximal_mu > 0
+
+    history: list[dict[str, float]] = []
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="train", disable=not cfg.progress, leave=False)
+    for step in bar:
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        with autocast_for(device, cfg.amp):
+            out = model(images, batch["text"])
+        loss, parts = model.compute_losses(out, masks)
+        if use_prox:
+            prox = proximal_term(model, proximal_reference, cfg.proximal_mu)
+            loss = loss + prox
+            parts["proximal"] = float(prox)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        seen += images.shape[0]
+        history.append(parts)
+        bar.set_postfix(loss=f"{parts['total']:.3f}")
+        if on_step is not None:
+            on_step(step, parts)
+    seconds = time.perf_counter() - start
+    tail = history[-min(len(history), 20):]
+    mean_loss = sum(h["total"] for h in tail) / max(1, len(tail))
+    return TrainResult(
+        loss=mean_loss,
+        steps=steps,
+        num_examples=seen,
+        seconds=seconds,
+        optimizer_state=optimizer.state_dict(),
+        history=history,
+    )

@@ -1,0 +1,71 @@
+"""Config parsing: strict keys and types, presets, YAML round trip."""
+
+import pytest
+
+from shared_model.config import (
+    ConfigError,
+    ModelConfig,
+    PRESETS,
+    TrainConfig,
+    from_dict,
+    get_preset,
+    load_yaml,
+    merge,
+    save_yaml,
+    site_experiment_from_dict,
+    to_dict,
+)
+
+
+def test_presets_registered_and_distinct():
+    assert {"tiny", "base"} <= set(PRESETS)
+    tiny, base = get_preset("tiny"), get_preset("base")
+    assert tiny.preset == "tiny" and base.preset == "base"
+    assert base.sam.image_size == 1024 and base.sam.width == 768 and base.clip.text.width == 768
+    assert tiny.sam.image_size == 128
+
+
+def test_unknown_key_names_the_field():
+    with pytest.raises(ConfigError, match=r"model\.sam: unknown key 'lora_rnk'"):
+        get_preset("tiny", {"sam": {"lora_rnk": 2}})
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(ConfigError, match=r"model\.sam\.lora_rank: expected an integer"):
+        get_preset("tiny", {"sam": {"lora_rank": "four"}})
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number"):
+        site_experiment_from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"unknown top-level key"):
+        site_experiment_from_dict({"modle": {}})
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        get_preset("huge")
+
+
+def test_merge_overrides_nested_and_keeps_rest():
+    cfg = merge(get_preset("tiny"), {"sam": {"lora_rank": 8}, "loss": {"dice": 2}})
+    assert cfg.sam.lora_rank == 8 and cfg.loss.dice == 2.0 and cfg.sam.width == 128
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = get_preset("tiny")
+    save_yaml(cfg, tmp_path / "m.yaml")
+    again = from_dict(ModelConfig, load_yaml(tmp_path / "m.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_int_accepted_for_float_but_bool_is_not_int():
+    assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
+    with pytest.raises(ConfigError, match="train.steps"):
+        from_dict(TrainConfig, {"steps": True}, "train")

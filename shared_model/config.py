@@ -238,6 +238,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     progress: bool = True
     proximal_mu: float = 0.0
+    time_limit_s: float = 0.0  # stop early after this many seconds (0 = no limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,3 +653,54 @@ def check_federation(fed: FederationConfig, part: PartitionConfig) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}")
+
+
+# --------------------------------------------------------------------------------------------
+# Privacy
+# --------------------------------------------------------------------------------------------
+
+DP_ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("microbatch", "batched")
+
+
+@dataclass
+class PrivacyConfig:
+    """Local differential privacy at one hospital: DP-SGD (Opacus) on the exchanged parameters.
+
+    The budget ``(epsilon, delta)`` covers every round the hospital takes part in; accounting is
+    cumulative (see :mod:`shared_model.privacy`).
+    """
+
+    local_dp: bool = False
+    epsilon: float = 8.0  # the hospital's total budget over all its rounds
+    delta: float = 1e-5  # must be < 1 / (number of local training images)
+    max_grad_norm: float = 1.0  # per-example L2 clipping bound C
+    # Gaussian noise std / C; 0 = calibrate so that planned_steps steps spend exactly epsilon.
+    noise_multiplier: float = 0.0
+    # DP-SGD steps the budget must last (0 = the steps of the call; federated: rounds x local steps).
+    planned_steps: int = 0
+    accountant: str = "rdp"  # one of DP_ACCOUNTANTS
+    # How per-example gradients are computed (one of GRAD_SAMPLE_MODES): "microbatch" runs each
+    # example alone; "batched" runs one forward pass and one backward pass per example.
+    grad_sample_mode: str = "microbatch"
+    # Seed of the noise and of Poisson sampling; -1 = OS entropy. A fixed seed lets anyone who
+    # knows it remove the noise: for tests only.
+    noise_seed: int = -1
+
+
+def check_privacy(cfg: PrivacyConfig, prefix: str = "privacy.") -> None:
+    """Check ranges and choices of a :class:`PrivacyConfig`, raising ConfigError naming the field."""
+    if cfg.accountant not in DP_ACCOUNTANTS:
+        raise ConfigError(f"{prefix}accountant: {cfg.accountant!r} not in {list(DP_ACCOUNTANTS)}")
+    if cfg.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(f"{prefix}grad_sample_mode: {cfg.grad_sample_mode!r} not in {list(GRAD_SAMPLE_MODES)}")
+    checks = [
+        ("epsilon", cfg.epsilon > 0.0, "must be > 0"),
+        ("delta", 0.0 < cfg.delta < 1.0, "must be in (0, 1)"),
+        ("max_grad_norm", cfg.max_grad_norm > 0.0, "must be > 0"),
+        ("noise_multiplier", cfg.noise_multiplier >= 0.0, "must be >= 0 (0 = calibrate from epsilon)"),
+        ("planned_steps", cfg.planned_steps >= 0, "must be >= 0"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{prefix}{name}: {why}")

@@ -51,9 +51,14 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def infinite_batches(loader: DataLoader) -> Iterator[dict]:
-    """Cycle through a DataLoader forever (reshuffling each pass)."""
+def infinite_batches(loader: DataLoader, first_epoch: int = 0) -> Iterator[dict]:
+    """Cycle through a DataLoader forever, reshuffling and (if the dataset has ``set_epoch``)
+    drawing new augmentations each pass."""
+    epoch = first_epoch
     while True:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        epoch += 1
         yielded = False
         for batch in loader:
             yielded = True
@@ -131,7 +136,7 @@ def train_model(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, steps)
     )
     loader = make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.num_workers)
-    batches = infinite_batches(loader)
+    batches = infinite_batches(loader, first_epoch=cfg.seed)
     use_prox = proximal_reference is not None and cfg.proximal_mu > 0
 
     history: list[dict[str, float]] = []
@@ -162,12 +167,14 @@ def train_model(
         bar.set_postfix(loss=f"{parts['total']:.3f}")
         if on_step is not None:
             on_step(step, parts)
+        if cfg.time_limit_s > 0 and time.perf_counter() - start > cfg.time_limit_s:
+            break
     seconds = time.perf_counter() - start
     tail = history[-min(len(history), 20):]
     mean_loss = sum(h["total"] for h in tail) / max(1, len(tail))
     return TrainResult(
         loss=mean_loss,
-        steps=steps,
+        steps=len(history),
         num_examples=seen,
         seconds=seconds,
         optimizer_state=optimizer.state_dict(),

@@ -1,0 +1,45 @@
+"""Data: folder datasets of colonoscopy images and masks, splits, augmentation, captions, synthetic data."""
+
+from shared_model.data.captions import attribute_caption, class_prompt, describe_components
+from shared_model.data.folder import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    PolypDataset,
+    Sample,
+    list_samples,
+    load_image,
+    load_mask,
+)
+from shared_model.data.splits import (
+    build_datasets,
+    build_splits,
+    load_split_file,
+    save_split_file,
+    split_samples,
+)
+from shared_model.data.synthetic import SyntheticStyle, centre_style, generate_dataset, synthetic_sample
+from shared_model.data.transforms import JointTransform, item_seed
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "JointTransform",
+    "PolypDataset",
+    "Sample",
+    "SyntheticStyle",
+    "attribute_caption",
+    "build_datasets",
+    "build_splits",
+    "centre_style",
+    "class_prompt",
+    "describe_components",
+    "generate_dataset",
+    "item_seed",
+    "list_samples",
+    "load_image",
+    "load_mask",
+    "load_split_file",
+    "save_split_file",
+    "split_samples",
+    "synthetic_sample",
+]

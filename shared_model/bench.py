@@ -1,0 +1,185 @@
+"""Training-step benchmark: this project's SAM path and full pipeline against the plain SAMed recipe.
+
+The plain recipe (REFERENCE.md): LoRA rank 4 on every ``qkv`` of SAM's image encoder, prompt encoder
+and whole mask decoder trainable, segment-anything's attention, the mask decoder run once per image
+(its ``MaskDecoder.forward``), Dice + BCE, ``torch.optim.AdamW``. Both are built in the same process
+and timed on the same batch; FLOPs are counted with ``torch.utils.flop_counter``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import losses as L
+from .config import ModelConfig, SamConfig, get_preset, merge
+from .model import build_model
+from .sam import SamParts, build_sam_parts
+
+
+def plain_recipe(cfg: SamConfig) -> SamParts:
+    """SAM as the plain SAMed recipe trains it (original attention, whole decoder trainable)."""
+    parts = SamParts(replace(cfg, attention="sam", decoder_mode="train", lora_rank=4, lora_alpha=4.0,
+                             lora_targets=["qkv"], lora_blocks=[]))
+    parts.add_adapters()
+    parts.prompt_encoder.requires_grad_(True)
+    parts.mask_decoder.requires_grad_(True)
+    return parts
+
+
+def plain_forward(parts: SamParts, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Encoder on the batch, then prompt encoder + mask decoder per image (segment-anything's own).
+
+    Args:
+        images: B x 3 x S x S in [0, 1]. boxes: B x 1 x 4.
+
+    Returns:
+        B x 1 x S x S mask logits.
+    """
+    emb = parts.encode(images)
+    pe = parts.prompt_encoder
+    masks = []
+    for i in range(images.shape[0]):
+        sparse, dense = pe(points=None, boxes=boxes[i], masks=None)
+        low, _ = parts.mask_decoder(
+            image_embeddings=emb[i : i + 1],
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        masks.append(low)
+    return parts.upscale(torch.cat(masks), images.shape[-2:])
+
+
+def sam_path_forward(parts: SamParts, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """This project's SAM path: batched prompt encoding and mask decoding."""
+    emb = parts.encode(images)
+    sparse = parts.embed_prompts(boxes)
+    low, _ = parts.decode(emb, sparse, parts.no_mask_dense(images.shape[0]))
+    return parts.upscale(low, images.shape[-2:])
+
+
+def _timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _measure(name: str, module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], fused: bool,
+             steps: int, warmup: int, device: torch.device, batch: int) -> dict:
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused and device.type == "cuda")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _timed_steps(step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "name": name,
+        "images_per_s": batch / seconds,
+        "step_ms": seconds * 1000,
+        "peak_gpu_gib": peak,
+        "gflop_per_step": flops / 1e9,
+        "achieved_tflops": flops / seconds / 1e12,
+        "trainable_params": sum(p.numel() for p in params),
+    }
+
+
+def bench_step(
+    preset: str = "tiny",
+    image_size: int | None = None,
+    batch_size: int = 4,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "auto",
+    compile_encoder: bool = False,
+    amp: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Time one local training step three ways on the same batch.
+
+    Returns:
+        JSON-able dict: environment, ``plain`` (SAMed recipe), ``sam_path`` (ours, SAM only),
+        ``full`` (BiomedCLIP + M2IB + CRF + SAM), and the ratios ``sam_path_vs_plain`` and
+        ``full_vs_sam_path`` (images/s), plus ``max_abs_diff`` of the two SAM paths' logits.
+    """
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    cfg: ModelConfig = get_preset(preset)
+    if image_size is not None:
+        cfg = merge(cfg, {"sam": {"image_size": image_size}})
+    s = cfg.sam.image_size
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch_size, 3, s, s, generator=g).to(dev)
+    masks = torch.zeros(batch_size, 1, s, s, device=dev)
+    masks[:, :, s // 4 : 3 * s // 4, s // 3 : 2 * s // 3] = 1
+    boxes = torch.tensor([[[s / 3, s / 4, 2 * s / 3, 3 * s / 4]]], device=dev).repeat(batch_size, 1, 1)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda")
+
+    torch.manual_seed(seed)
+    plain = plain_recipe(cfg.sam).to(dev)
+    ours = build_sam_parts(cfg.sam).to(dev)
+    ours.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad(), autocast:
+        diff = (plain_forward(plain, images, boxes).float() - sam_path_forward(ours, images, boxes).float()).abs().max()
+    if compile_encoder:
+        ours.image_encoder = torch.compile(ours.image_encoder)
+
+    def seg_loss(logits: torch.Tensor) -> torch.Tensor:
+        return L.dice_loss(logits.float(), masks) + L.bce_loss(logits.float(), masks)
+
+    def plain_loss() -> torch.Tensor:
+        with autocast:
+            return seg_loss(plain_forward(plain, images, boxes))
+
+    def ours_loss() -> torch.Tensor:
+        with autocast:
+            return seg_loss(sam_path_forward(ours, images, boxes))
+
+    results = {
+        "preset": preset,
+        "image_size": s,
+        "batch_size": batch_size,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "bf16_autocast": bool(amp and dev.type == "cuda"),
+        "compiled_encoder": compile_encoder,
+        "max_abs_diff_sam_paths": float(diff),
+    }
+    results["plain"] = _measure("plain SAMed recipe", plain, plain_loss, False, steps, warmup, dev, batch_size)
+    del plain
+    results["sam_path"] = _measure("SAM path (ours)", ours, ours_loss, True, steps, warmup, dev, batch_size)
+    del ours
+
+    model = build_model(cfg).to(dev).train()
+    texts = ["one medium pink round polyp, located in the centre of the image"] * batch_size
+
+    def full_loss() -> torch.Tensor:
+        with autocast:
+            out = model(images, texts)
+        return model.compute_losses(out, masks)[0]
+
+    results["full"] = _measure("full pipeline", model, full_loss, True, steps, warmup, dev, batch_size)
+    results["sam_path_vs_plain"] = results["sam_path"]["images_per_s"] / results["plain"]["images_per_s"]
+    results["full_vs_sam_path"] = results["full"]["images_per_s"] / results["sam_path"]["images_per_s"]
+    return results

@@ -28,6 +28,8 @@ from .config import (
 )
 
 PLUGINS = ("simulation.cli", "deploy.cli")
+# Other packages may add `promptsam bench ...` subcommands through this list (see build_parser).
+BENCH_SUBPARSERS: list = []
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -62,12 +64,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_model(model, splits["train"], exp.train, device=args.device)
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.loss:.4f}", flush=True)
     report = {"train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss}}
+    ckpt = save_model_checkpoint(out / "model.pt", model, extra={"train": report["train"]})
     for split in ("val", "test"):
-        if len(splits[split]):
+        if split in splits and len(splits[split]):
             ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size)
             report[split] = ev.aggregate
             print(f"{split}: " + json.dumps({k: round(v, 4) for k, v in ev.aggregate.items()}), flush=True)
-    ckpt = save_model_checkpoint(out / "model.pt", model, extra={"metrics": report})
+    save_model_checkpoint(ckpt, model, extra={"metrics": report})
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "experiment.json").write_text(
         json.dumps({"model": to_dict(exp.model), "data": to_dict(exp.data), "train": to_dict(exp.train)}, indent=2)
@@ -174,6 +177,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    from .bench import bench_step
+
+    for size in args.image_size or [None]:
+        result = bench_step(
+            preset=args.preset,
+            image_size=size,
+            batch_size=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+            compile_encoder=args.compile,
+        )
+        print(json.dumps(result, indent=2), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptsam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -223,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("step", help="local training step: ours vs the plain SAMed recipe, same batch")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    b.add_argument("--image-size", type=int, nargs="*", help="e.g. 512 1024 (default: the preset's)")
+    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
+    common(b)
+    b.set_defaults(func=cmd_bench_step)
+    BENCH_SUBPARSERS.append(bench)
 
     for name in PLUGINS:
         try:

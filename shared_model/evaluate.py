@@ -54,6 +54,7 @@ def evaluate_model(
     was_training = model.training
     model.to(device).eval()
     per_image: list[dict] = []
+    scores: list[dict] = []
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         images = batch["image"].to(device)
@@ -64,10 +65,8 @@ def evaluate_model(
             out = model(images, texts)
         pred = torch.sigmoid(out.mask_logits.float()) > threshold
         rows = segmentation_metrics(pred.cpu(), batch["mask"] > 0.5)
+        scores += rows
         for i, row in enumerate(rows):
-            row = dict(row)
-            row["stem"] = batch["stem"][i]
-            row["centre"] = batch["centre"][i]
-            per_image.append(row)
+            per_image.append({"stem": batch["stem"][i], "centre": batch["centre"][i], **row})
     model.train(was_training)
-    return EvalResult(aggregate=aggregate(per_image), per_image=per_image)
+    return EvalResult(aggregate=aggregate(scores), per_image=per_image)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import string
 from pathlib import Path
 from typing import Sequence
@@ -161,6 +162,26 @@ def load_hf_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
+def _tiny_vocab_file() -> Path:
+    """The packaged tiny vocabulary, or the same list written to a temporary file when the asset is absent.
+
+    A Flower app bundle (FAB) carries only .py/.toml/.md/.yaml/.json files, so a ServerApp or ClientApp
+    run from a FAB in deployment has no ``assets/tiny_vocab.txt``.
+    """
+    if TINY_VOCAB_PATH.is_file():
+        return TINY_VOCAB_PATH
+    import hashlib
+    import tempfile
+
+    text = "\n".join(tiny_vocab()) + "\n"
+    path = Path(tempfile.gettempdir()) / f"promptsam-tiny-vocab-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def build_tokenizer(cfg: ClipConfig) -> Tokenizer:
     """The tokenizer for ``cfg``: the checkpoint folder's files, else the packaged tiny vocabulary.
 
@@ -174,5 +195,6 @@ def build_tokenizer(cfg: ClipConfig) -> Tokenizer:
             raise FileNotFoundError(f"model.clip.checkpoint: folder not found: {folder}")
         hf, source = load_hf_tokenizer(folder), folder
     else:
-        hf, source = _bert_tokenizer_from_vocab(TINY_VOCAB_PATH), TINY_VOCAB_PATH
+        source = _tiny_vocab_file()
+        hf = _bert_tokenizer_from_vocab(source)
     return Tokenizer(hf, cfg.text.context_length - cfg.text.n_ctx, cfg.text.vocab_size, source)

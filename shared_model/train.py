@@ -153,7 +153,7 @@ def train_model(
         if use_prox:
             prox = proximal_term(model, proximal_reference, cfg.proximal_mu)
             loss = loss + prox
-            parts["proximal"] = float(prox)
+            parts["proximal"] = float(prox.detach())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")
         optimizer.zero_grad(set_to_none=True)

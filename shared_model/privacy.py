@@ -1,0 +1,487 @@
+"""Local differential privacy at one hospital: DP-SGD on the exchanged parameters (no Flower imports).
+
+Each step draws a Poisson sample of the local training set (every image independently with
+probability ``q = batch_size / N``, Opacus' ``UniformWithReplacementSampler``), computes one
+gradient per image for every trainable (= exchanged) parameter, and hands them to Opacus'
+``DPOptimizer``, which clips each image's gradient to L2 norm ``C`` (``max_grad_norm``), sums them,
+adds ``N(0, (sigma C)^2)`` noise and divides by the expected batch size before the AdamW step.
+Frozen weights get no gradient and never change, so only the exchanged state carries the noise.
+
+Per-example gradients are computed with autograd, not with Opacus' module hooks: the model runs
+the CLIP tail on clean and bottlenecked tokens as one 2B batch, reads SAM's prompt and output
+tokens through ``.weight`` instead of calling the embedding modules, and the CoOp context sits on
+a module with buffers, which Opacus' ``GradSampleModule`` refuses ("This layer has buffers and is
+not supported by Opacus"). Two modes (``PrivacyConfig.grad_sample_mode``):
+
+* ``microbatch``: each image runs alone (forward + backward at batch 1): exact by construction.
+* ``batched``: one forward pass over the batch, per-image losses, one backward pass per image;
+  exact only because nothing in the forward pass mixes images (tested against ``microbatch``).
+
+DHN-NCE compares each image with the others of the batch, so one image's gradient would depend
+on other patients' data and clipping would no longer bound its influence; under DP the code
+refuses ``loss.nce != 0``. Every other loss term and the whole forward pass are per image.
+
+Accounting is cumulative: an Opacus RDP (or PRV) accountant whose history, a list of
+``(noise_multiplier, sample_rate, steps)`` entries, is kept between calls as plain lists
+(:func:`accountant_to_state`), so a Flower client can keep it in ``context.state``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import statistics
+import time
+import warnings
+from functools import lru_cache
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from .config import ConfigError, PrivacyConfig, TrainConfig, check_privacy, get_preset
+from .model import PromptSAM, PromptSAMOutput, build_model
+from .train import TrainResult, autocast_for, resolve_device, warmup_cosine
+
+AccountantState = dict[str, Any]
+STATE_KEYS = ("mechanism", "noise_multiplier", "sample_rate", "steps")
+
+
+class PrivacyError(ValueError):
+    """The model, data or accountant state cannot be used for DP training (the message says why)."""
+
+
+class PrivacyBudgetExceeded(PrivacyError):
+    """Training would push the hospital's cumulative epsilon past its budget."""
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_orders() -> Iterator[None]:
+    """Silence Opacus' "optimal order is the smallest/largest alpha" warning: the bound stays valid
+    (only looser), and the noise search visits such extreme noise levels on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        yield
+
+
+def new_accountant_state(mechanism: str = "rdp") -> AccountantState:
+    """An empty history: ``{"mechanism": m, "noise_multiplier": [], "sample_rate": [], "steps": []}``."""
+    return {"mechanism": mechanism, "noise_multiplier": [], "sample_rate": [], "steps": []}
+
+
+def accountant_from_state(state: Mapping[str, Any] | None, mechanism: str = "rdp") -> IAccountant:
+    """Rebuild an Opacus accountant from plain data (None = a fresh ``mechanism`` accountant).
+
+    Raises:
+        PrivacyError: Missing keys, lists of different lengths, invalid entries, or a mechanism
+            different from ``mechanism`` (the key is named).
+    """
+    if state is None:
+        return create_accountant(mechanism)
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise PrivacyError(f"accountant state: missing key(s) {missing}; expected {list(STATE_KEYS)}")
+    if state["mechanism"] != mechanism:
+        raise PrivacyError(
+            f"accountant state: mechanism {state['mechanism']!r} differs from the configured {mechanism!r}"
+        )
+    sigmas, rates, steps = (list(state[k]) for k in STATE_KEYS[1:])
+    if not len(sigmas) == len(rates) == len(steps):
+        raise PrivacyError("accountant state: noise_multiplier, sample_rate and steps differ in length")
+    for i, (s, q, n) in enumerate(zip(sigmas, rates, steps)):
+        if not (float(s) >= 0 and 0 < float(q) <= 1 and int(n) >= 1 and int(n) == n):
+            raise PrivacyError(f"accountant state: invalid entry {i}: noise {s}, rate {q}, steps {n}")
+    accountant = create_accountant(mechanism)
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)]
+    return accountant
+
+
+def accountant_to_state(accountant: IAccountant) -> AccountantState:
+    """Opacus accountant -> plain lists (JSON / Flower ConfigRecord friendly)."""
+    return {
+        "mechanism": accountant.mechanism(),
+        "noise_multiplier": [float(s) for s, _, _ in accountant.history],
+        "sample_rate": [float(q) for _, q, _ in accountant.history],
+        "steps": [int(n) for _, _, n in accountant.history],
+    }
+
+
+def spent_epsilon(state: Mapping[str, Any] | None, delta: float, mechanism: str = "rdp") -> float:
+    """Cumulative epsilon at ``delta`` of a history (0 when empty)."""
+    accountant = accountant_from_state(state, mechanism)
+    return _epsilon(mechanism, tuple(accountant.history), float(delta))
+
+
+@lru_cache(maxsize=512)
+def _epsilon(mechanism: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Cached: Opacus' RDP conversion at fractional orders takes about 0.3 s per history."""
+    if not history:
+        return 0.0
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    with _quiet_orders():
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def epsilon_after(
+    state: Mapping[str, Any] | None,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: str = "rdp",
+) -> float:
+    """Cumulative epsilon if ``steps`` more DP-SGD steps with (``noise_multiplier``, ``sample_rate``) ran."""
+    history = list(accountant_from_state(state, mechanism).history)
+    entry = (float(noise_multiplier), float(sample_rate), int(steps))
+    if steps > 0 and history and history[-1][:2] == entry[:2]:  # merged as the accountant does
+        history[-1] = (*entry[:2], history[-1][2] + entry[2])
+    elif steps > 0:
+        history.append(entry)
+    return _epsilon(mechanism, tuple(history), float(delta))
+
+
+def would_exceed_budget(
+    state: Mapping[str, Any] | None, dp: PrivacyConfig, noise_multiplier: float, sample_rate: float, steps: int
+) -> bool:
+    """True when ``steps`` more steps would push the cumulative epsilon past ``dp.epsilon``."""
+    return epsilon_after(state, dp.delta, noise_multiplier, sample_rate, steps, dp.accountant) > dp.epsilon
+
+
+def calibrate_noise(dp: PrivacyConfig, sample_rate: float, total_steps: int) -> float:
+    """``dp.noise_multiplier`` if set, else the smallest sigma (Opacus' search, tolerance 0.01)
+    with which ``total_steps`` steps at ``sample_rate`` spend at most ``dp.epsilon`` at ``dp.delta``."""
+    if dp.noise_multiplier > 0:
+        return float(dp.noise_multiplier)
+    if total_steps < 1:
+        raise PrivacyError("privacy.planned_steps: at least one step is needed to calibrate the noise")
+    try:
+        return _calibrate(dp.epsilon, dp.delta, float(sample_rate), int(total_steps), dp.accountant)
+    except ValueError as err:
+        raise PrivacyError(f"privacy.epsilon: {dp.epsilon} cannot be met over {total_steps} steps: {err}") from None
+
+
+@lru_cache(maxsize=64)
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str) -> float:
+    with _quiet_orders():
+        return float(get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=mechanism
+        ))
+
+
+def sample_rate_for(batch_size: int, dataset_size: int) -> float:
+    """Poisson sampling rate ``q = batch_size / N`` (the expected batch is ``batch_size``)."""
+    if dataset_size < 1:
+        raise PrivacyError("DP training needs at least one training image")
+    if not 1 <= batch_size <= dataset_size:
+        raise PrivacyError(f"train.batch_size: {batch_size} must be in [1, number of images = {dataset_size}]")
+    return batch_size / dataset_size
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example gradients
+# --------------------------------------------------------------------------------------------
+
+
+def check_model_for_dp(model: PromptSAM) -> None:
+    """Refuse what breaks per-example privacy: DHN-NCE (couples the batch) and BatchNorm layers.
+
+    Raises:
+        PrivacyError: Naming the setting or module.
+    """
+    if model.cfg.loss.nce != 0.0:
+        raise PrivacyError(
+            f"model.loss.nce: must be 0 under DP-SGD (got {model.cfg.loss.nce}); DHN-NCE uses the other "
+            "images of the batch as negatives, so one image's gradient would depend on other patients' "
+            "data and per-example clipping would not bound its influence"
+        )
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise PrivacyError(f"BatchNorm mixes the images of a batch and is not allowed under DP: {norms[:5]}")
+
+
+def _slice_output(out: PromptSAMOutput, i: int) -> PromptSAMOutput:
+    return PromptSAMOutput(**{f.name: getattr(out, f.name)[i : i + 1] for f in fields(out)})
+
+
+def per_example_gradients(
+    model: PromptSAM,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    texts: list[str],
+    mode: str = "microbatch",
+    amp: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Gradient of each image's own loss for every trainable parameter.
+
+    Args:
+        model: The model (its device is used; train/eval mode is left as is).
+        images: B x 3 x S x S in [0, 1].
+        masks: B x 1 x S x S in {0, 1}.
+        texts: B prompts.
+        mode: ``"microbatch"`` or ``"batched"`` (see the module docstring).
+        amp: bf16 autocast on CUDA.
+
+    Returns:
+        (name -> B x *param.shape float32 gradients, one loss-parts dict per image).
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    b = images.shape[0]
+    losses: list[torch.Tensor] = []
+    logs: list[dict[str, float]] = []
+    grads: list[tuple[torch.Tensor, ...]] = []
+    if mode == "microbatch":
+        for i in range(b):
+            with autocast_for(device, amp):
+                out = model(images[i : i + 1], texts[i : i + 1])
+            loss, parts = model.compute_losses(out, masks[i : i + 1])
+            grads.append(torch.autograd.grad(loss, params, materialize_grads=True))
+            logs.append(parts)
+    elif mode == "batched":
+        with autocast_for(device, amp):
+            out = model(images, texts)
+        for i in range(b):
+            loss, parts = model.compute_losses(_slice_output(out, i), masks[i : i + 1])
+            losses.append(loss)
+            logs.append(parts)
+        for i in range(b):
+            grads.append(torch.autograd.grad(losses[i], params, retain_graph=i < b - 1, materialize_grads=True))
+    else:
+        raise ConfigError(f"privacy.grad_sample_mode: {mode!r} not in ['microbatch', 'batched']")
+    if b == 0:
+        return {n: p.new_zeros((0, *p.shape), dtype=torch.float32) for n, p in zip(names, params)}, logs
+    return {n: torch.stack([g[j] for g in grads]).float() for j, n in enumerate(names)}, logs
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed if seed >= 0 else secrets.randbits(63))
+
+
+def train_model_dp(
+    model: PromptSAM,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    dp: PrivacyConfig,
+    accountant_state: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = "cpu",
+    steps: int | None = None,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[TrainResult, AccountantState, float]:
+    """DP-SGD (Poisson sampling, per-example clipping, Gaussian noise) with AdamW, cumulative accounting.
+
+    Args:
+        model: The model; only parameters with ``requires_grad`` (the exchanged state) train.
+        dataset: Items ``{"image": 3 x S x S, "mask": 1 x S x S, "text": str}``.
+        cfg: Training settings; ``batch_size`` is the expected Poisson batch, ``grad_clip`` is
+            replaced by ``dp.max_grad_norm`` per example; ``time_limit_s`` may end the call early.
+        dp: Privacy settings (budget, delta, clipping bound, noise, accountant, mode, seed).
+        accountant_state: History of earlier calls (:func:`accountant_to_state`); None = none.
+        device: Device (``"auto"`` picks CUDA when present).
+        steps: DP-SGD steps of this call (default ``cfg.steps``).
+        proximal_reference: Global exchanged state for FedProx's term (used if
+            ``cfg.proximal_mu > 0``); its gradient needs no data and is added after the noise.
+        optimizer_state: AdamW state from a previous call to continue from.
+        on_step: Optional callback ``(step, log)`` after each step.
+
+    Returns:
+        (TrainResult, the new accountant state, cumulative epsilon at ``dp.delta``).
+        ``num_examples`` is the expected count ``steps x batch_size``: the actual Poisson batch
+        sizes depend on the data and are not released.
+
+    Raises:
+        PrivacyBudgetExceeded: If the call's steps would take epsilon past ``dp.epsilon``;
+            nothing is trained then.
+        PrivacyError: If the model uses DHN-NCE, the batch size or the data do not fit, or the
+            accountant state is invalid.
+    """
+    check_privacy(dp)
+    check_model_for_dp(model)
+    device = resolve_device(device)
+    steps = cfg.steps if steps is None else steps
+    n = len(dataset)
+    q = sample_rate_for(cfg.batch_size, n)
+    if dp.delta >= 1.0 / n:
+        raise PrivacyError(f"privacy.delta: {dp.delta} must be below 1 / (number of images = {n})")
+    sigma = calibrate_noise(dp, q, dp.planned_steps or steps)
+    accountant = accountant_from_state(accountant_state, dp.accountant)
+    spent = spent_epsilon(accountant_state, dp.delta, dp.accountant)
+    planned = epsilon_after(accountant_state, dp.delta, sigma, q, steps, dp.accountant)
+    if planned > dp.epsilon:
+        raise PrivacyBudgetExceeded(
+            f"privacy budget: {steps} more DP-SGD steps (noise {sigma:.3f}, sampling rate {q:.4f}) would "
+            f"raise epsilon from {spent:.3f} to {planned:.3f}, past the budget {dp.epsilon} at delta "
+            f"{dp.delta}; this hospital trains no further"
+        )
+
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, steps))
+    dp_optimizer = DPOptimizer(
+        optimizer, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=cfg.batch_size, generator=_generator(dp.noise_seed),
+    )
+    sampler = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=q, steps=steps,
+        generator=_generator(dp.noise_seed + 1 if dp.noise_seed >= 0 else -1),
+    )
+    use_prox = proximal_reference is not None and cfg.proximal_mu > 0
+
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    taken = 0
+    for step, indices in enumerate(sampler):
+        if cfg.time_limit_s > 0 and time.perf_counter() - start > cfg.time_limit_s:
+            break
+        if hasattr(dataset, "set_epoch"):  # fresh augmentations every step
+            dataset.set_epoch(cfg.seed + step)
+        batch = default_collate([dataset[i] for i in indices]) if indices else None
+        if batch is None:
+            grad_samples = {n_: p.new_zeros((0, *p.shape)) for n_, p in model.named_parameters() if p.requires_grad}
+            logs: list[dict[str, float]] = []
+        else:
+            grad_samples, logs = per_example_gradients(
+                model, batch["image"].to(device), batch["mask"].to(device), list(batch["text"]),
+                dp.grad_sample_mode, cfg.amp,
+            )
+        for p, g in zip(params, grad_samples.values()):
+            p.grad_sample = g.to(p.dtype)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grad_samples.values()], 1).norm(dim=1)
+        if dp_optimizer.pre_step():  # clip, sum, add noise, divide by the expected batch size
+            if use_prox:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if p.requires_grad:
+                            p.grad += cfg.proximal_mu * (p - proximal_reference[name].to(p.device, p.dtype))
+            optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+        taken += 1
+        log = {k: statistics.fmean(d[k] for d in logs) for k in logs[0]} if logs else {}
+        log.update(batch_size=float(len(indices)), clipped=float((norms > dp.max_grad_norm).float().mean()) if len(norms) else 0.0)
+        history.append(log)
+        if on_step is not None:
+            on_step(step, log)
+    seconds = time.perf_counter() - start
+
+    state = accountant_to_state(accountant)
+    epsilon = spent_epsilon(state, dp.delta, dp.accountant)
+    tail = [h["total"] for h in history[-20:] if "total" in h]
+    return (
+        TrainResult(
+            loss=statistics.fmean(tail) if tail else math.nan,
+            steps=taken,
+            num_examples=taken * cfg.batch_size,
+            seconds=seconds,
+            optimizer_state=optimizer.state_dict(),
+            history=history,
+        ),
+        state,
+        epsilon,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def bench_dp_step(
+    preset: str = "tiny", batch_size: int = 8, steps: int = 3, device: str = "cpu", warmup: bool = True
+) -> dict[str, Any]:
+    """Time one DP-SGD step against one ordinary step on the same batch (random images, box masks).
+
+    Both steps are forward + backward + AdamW on the same model; the DP step adds per-example
+    gradients, clipping and noise (``microbatch`` and ``batched`` modes). One warm-up step each
+    (unless ``warmup`` is False), then the median of ``steps`` timed steps.
+
+    Returns:
+        ``{"preset", "batch_size", "steps", "device", "threads", "non_dp_s", "dp_microbatch_s",
+        "dp_batched_s", "ratio_microbatch", "ratio_batched"}`` (seconds per step; ratio = DP / non-DP).
+    """
+    cfg = get_preset(preset)
+    cfg.loss.nce = 0.0  # DP refuses DHN-NCE; the ordinary step uses the same loss
+    dev = resolve_device(device)
+    model = build_model(cfg).to(dev).train()
+    s = cfg.sam.image_size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 3, s, s, generator=gen).to(dev)
+    masks = torch.zeros(batch_size, 1, s, s, device=dev)
+    masks[:, :, s // 4 : 3 * s // 4, s // 3 : 2 * s // 3] = 1.0
+    texts = ["one small pink round polyp"] * batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size)
+
+    def plain() -> None:
+        loss, _ = model.compute_losses(model(images, texts), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def private(mode: str) -> None:
+        grads, _ = per_example_gradients(model, images, masks, texts, mode)
+        for p, g in zip(params, grads.values()):
+            p.grad_sample = g
+        dp_optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
+
+    def timed(fn: Callable[[], None]) -> float:
+        if warmup:
+            fn()
+        times = []
+        for _ in range(steps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    base = timed(plain)
+    micro = timed(lambda: private("microbatch"))
+    batched = timed(lambda: private("batched"))
+    return {
+        "preset": preset, "batch_size": batch_size, "steps": steps, "device": str(dev),
+        "threads": torch.get_num_threads(), "non_dp_s": base, "dp_microbatch_s": micro,
+        "dp_batched_s": batched, "ratio_microbatch": micro / base, "ratio_batched": batched / base,
+    }
+
+
+def format_bench(result: Mapping[str, Any]) -> str:
+    """One readable line per timing of :func:`bench_dp_step`."""
+    return (
+        f"DP-SGD step vs non-DP step ({result['preset']}, batch {result['batch_size']}, {result['device']}, "
+        f"{result['threads']} threads, median of {result['steps']}):\n"
+        f"  non-DP          {result['non_dp_s']:.3f} s\n"
+        f"  DP microbatch   {result['dp_microbatch_s']:.3f} s  ratio {result['ratio_microbatch']:.2f}x\n"
+        f"  DP batched      {result['dp_batched_s']:.3f} s  ratio {result['ratio_batched']:.2f}x"
+    )

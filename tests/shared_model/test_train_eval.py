@@ -1,0 +1,112 @@
+"""Single-site training and evaluation on synthetic data, and the train/evaluate/predict CLI."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared_model.checkpoint import CheckpointError, load_model_checkpoint, save_model_checkpoint
+from shared_model.cli import main
+from shared_model.config import DataConfig, TrainConfig
+from shared_model.data import build_datasets
+from shared_model.evaluate import evaluate_model
+from shared_model.exchange import get_exchanged_state
+from shared_model.model import build_model
+from shared_model.train import train_model, warmup_cosine
+
+import pytest
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.1)
+
+
+def test_training_lowers_the_loss_and_evaluation_reports_metrics(synthetic_root):
+    splits = build_datasets(DataConfig(root=str(synthetic_root), val_fraction=0.0, test_fraction=0.25), 128)
+    model = build_model("tiny")
+    cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, progress=False)
+    before = get_exchanged_state(model)
+    result = train_model(model, splits["train"], cfg)
+    assert result.steps == 12 and result.num_examples == 48
+    first = np.mean([h["total"] for h in result.history[:3]])
+    last = np.mean([h["total"] for h in result.history[-3:]])
+    assert last < first
+    after = get_exchanged_state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ev = evaluate_model(model, splits["test"], batch_size=4)
+    assert ev.aggregate["n"] == len(splits["test"]) == len(ev.per_image)
+    for key in ("dice", "iou", "precision", "recall", "hd95"):
+        assert key in ev.aggregate and np.isfinite(ev.aggregate[key])
+    assert {"stem", "centre", "dice"} <= set(ev.per_image[0])
+
+
+def test_proximal_term_keeps_weights_closer(synthetic_root):
+    splits = build_datasets(DataConfig(root=str(synthetic_root), val_fraction=0.0, test_fraction=0.0), 128)
+    drift = {}
+    for mu in (0.0, 50.0):
+        model = build_model("tiny")
+        ref = get_exchanged_state(model)
+        cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, proximal_mu=mu)
+        train_model(model, splits["train"], cfg, proximal_reference=ref)
+        now = get_exchanged_state(model)
+        drift[mu] = sum(float((now[k] - ref[k]).pow(2).sum()) for k in ref)
+    assert drift[50.0] < drift[0.0]
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = build_model("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    path = save_model_checkpoint(tmp_path / "m.pt", model, extra={"note": "x"})
+    again, payload = load_model_checkpoint(path, expect_preset="tiny")
+    assert payload["extra"] == {"note": "x"}
+    for k, v in get_exchanged_state(model).items():
+        assert torch.equal(v, get_exchanged_state(again)[k])
+    with pytest.raises(CheckpointError, match="preset 'tiny', not 'base'"):
+        load_model_checkpoint(path, expect_preset="base")
+    with pytest.raises(CheckpointError, match="nope.pt: checkpoint file not found"):
+        load_model_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_model_checkpoint(tmp_path / "junk.pt")
+
+
+def test_cli_train_evaluate_predict(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(synthetic_root), "--steps", "2",
+                 "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2 and "dice" in metrics["test"]
+    ckpt = out / "model.pt"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(synthetic_root),
+                 "--prompt", "polyp", "--out", str(tmp_path / "ev.json"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["aggregate"]["n"] > 0
+    images = sorted((synthetic_root / "centre_0" / "images").iterdir())[:2]
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "odd.png")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"odd.png": [5, 5, 50, 30]}))
+    pred = tmp_path / "pred"
+    assert main(["predict", *map(str, images), str(tmp_path / "odd.png"), "--checkpoint", str(ckpt),
+                 "--boxes", str(boxes), "--out", str(pred), "--device", "cpu"]) == 0
+    summary = json.loads((pred / "masks" / "odd.json").read_text())
+    assert summary["boxes"] == [[5.0, 5.0, 50.0, 30.0]]
+    assert Image.open(pred / "masks" / "odd.png").size == (60, 40)
+    assert Image.open(pred / "overlays" / f"{images[0].stem}.png").mode == "RGB"
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "missing"), "--checkpoint", str(ckpt)]) == 2
+    assert "missing: no such image file or folder" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--preset", "base", "--data", str(synthetic_root)]) == 2
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", "--preset", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trainable_params"] * 4 == info["exchange_bytes"]
+    assert info["total_params"] > info["trainable_params"] > 0
+    assert set(info["components"]) >= {"sam", "clip_vision", "clip_text", "bottleneck", "prompts"}

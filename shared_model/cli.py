@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def _experiment(args: argparse.Namespace) -> SiteExperiment:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import save_model_checkpoint
     from .data import build_datasets
-    from .evaluate import evaluate_model
+    from .evaluate import constant_mask_baseline, evaluate_model
     from .model import build_model
     from .train import train_model
 
@@ -70,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size)
             report[split] = ev.aggregate
             print(f"{split}: " + json.dumps({k: round(v, 4) for k, v in ev.aggregate.items()}), flush=True)
+    if "test" in splits and len(splits["test"]):
+        train_plain = build_datasets(replace(exp.data, augment=False), exp.model.sam.image_size)["train"]
+        report["constant_baseline_test"] = constant_mask_baseline(train_plain, splits["test"])
+        print(f"constant-mask baseline test dice: {report['constant_baseline_test']['dice']:.4f}", flush=True)
     save_model_checkpoint(ckpt, model, extra={"metrics": report})
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "experiment.json").write_text(

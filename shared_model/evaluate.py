@@ -70,3 +70,25 @@ def evaluate_model(
             per_image.append({"stem": batch["stem"][i], "centre": batch["centre"][i], **row})
     model.train(was_training)
     return EvalResult(aggregate=aggregate(scores), per_image=per_image)
+
+
+def constant_mask_baseline(train: Dataset, test: Dataset, thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)) -> dict[str, float]:
+    """The best constant predictor: the mean training mask, thresholded.
+
+    The threshold is chosen on the training set (by mean Dice), then the same mask is scored on
+    ``test``. This is the bar a model must clear to have learned anything image-dependent.
+
+    Returns:
+        ``{"threshold": t, "train_dice": ..., **aggregate test metrics}``.
+    """
+    masks = torch.stack([train[i]["mask"] for i in range(len(train))]) > 0.5
+    mean = masks.float().mean(0, keepdim=True)
+    best_t, best_dice = thresholds[0], -1.0
+    for t in thresholds:
+        pred = (mean > t).expand_as(masks)
+        dice = aggregate(segmentation_metrics(pred, masks))["dice"]
+        if dice > best_dice:
+            best_t, best_dice = t, dice
+    test_masks = torch.stack([test[i]["mask"] for i in range(len(test))]) > 0.5
+    pred = (mean > best_t).expand_as(test_masks)
+    return {"threshold": best_t, "train_dice": best_dice, **aggregate(segmentation_metrics(pred, test_masks))}

@@ -110,3 +110,20 @@ def test_inspect_json(capsys):
     assert info["trainable_params"] * 4 == info["exchange_bytes"]
     assert info["total_params"] > info["trainable_params"] > 0
     assert set(info["components"]) >= {"sam", "clip_vision", "clip_text", "bottleneck", "prompts"}
+
+
+def test_constant_mask_baseline_hand_computed():
+    from shared_model.evaluate import constant_mask_baseline
+
+    def item(mask):
+        return {"mask": mask[None].float()}
+
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1
+    top_left = torch.zeros(8, 8)
+    top_left[:4, :4] = 1
+    train = [item(left), item(left), item(top_left)]  # mean: 1 on top-left, 2/3 on bottom-left
+    out = constant_mask_baseline(train, [item(left)], thresholds=(0.5, 0.9))
+    assert out["threshold"] == 0.5  # the left half: train dice (1 + 1 + 2*16/(32+16)) / 3
+    assert out["train_dice"] == pytest.approx((2 + 2 / 3) / 3)
+    assert out["dice"] == pytest.approx(1.0) and out["n"] == 1

@@ -162,12 +162,13 @@ def overlay(
     image: np.ndarray | Image.Image,
     pred: Prediction,
     truth: np.ndarray | None = None,
-    alpha: float = 0.4,
+    alpha: float = 0.6,
 ) -> Image.Image:
     """Image with the saliency heatmap blended in, the mask contour (green), the ground-truth
     contour (yellow, if given) and the box prompts (cyan)."""
     img = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB")).astype(np.float32)
-    blended = (1 - alpha) * img + alpha * heatmap(pred.saliency).astype(np.float32)
+    weight = alpha * np.clip(pred.saliency, 0, 1)[..., None]  # heat shows only where salient
+    blended = (1 - weight) * img + weight * heatmap(pred.saliency).astype(np.float32)
     out = blended.astype(np.uint8)
     for mask, colour in ((truth, (255, 255, 0)), (pred.mask, (0, 255, 0))):
         if mask is not None:

@@ -1,0 +1,232 @@
+"""What a hospital's client does each round, as plain functions (no Flower imports).
+
+``client/app.py`` adapts these to Flower messages. The data comes either from the node's own
+folder (deployment: ``data-path`` in the node config) or from a partition of a pooled folder
+(simulation: ``partition-id`` / ``num-partitions``). Training uses the single-site
+``shared_model.train.train_model``; the reply is the delta of the exchanged state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shared_model.config import ConfigError, RunSettings
+from shared_model.exchange import get_exchanged_state, set_exchanged_state, state_delta
+
+# The metric keys of every reply: the server drops replies with any other key set.
+TRAIN_METRIC_KEYS = ("num-examples", "partition-id", "train-loss", "train-steps", "train-seconds", "val-dice")
+EVAL_METRIC_KEYS = ("num-examples", "partition-id", "dice", "iou", "hd95", "precision", "recall")
+
+
+@dataclass
+class NodeSettings:
+    """A node's own settings (``context.node_config``), typed.
+
+    Deployment: ``data-path`` is either one hospital's folder (``images/`` and ``masks/``) or a
+    root of centre folders; ``val-fraction`` / ``test-fraction`` / ``split-seed`` override the
+    run's split; ``partition-id`` (optional) labels the site in the server's metrics.
+    Simulation: Flower sets ``partition-id`` and ``num-partitions``.
+    """
+
+    data_path: str | None = None
+    partition_id: int = -1
+    num_partitions: int = 0
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    split_seed: int | None = None
+
+
+_NODE_KEYS: dict[str, type] = {
+    "data-path": str,
+    "partition-id": int,
+    "num-partitions": int,
+    "val-fraction": float,
+    "test-fraction": float,
+    "split-seed": int,
+}
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeSettings:
+    """Parse a node config strictly.
+
+    Raises:
+        ConfigError: On an unknown key or a value of the wrong type, naming the key.
+    """
+    unknown = sorted(set(node_config) - set(_NODE_KEYS))
+    if unknown:
+        raise ConfigError(f"node config: unknown key(s) {unknown}; valid keys are {sorted(_NODE_KEYS)}")
+    values: dict[str, Any] = {}
+    for key, value in node_config.items():
+        tp = _NODE_KEYS[key]
+        ok = isinstance(value, tp) and not isinstance(value, bool)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"node config {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        values[key.replace("-", "_")] = value
+    return NodeSettings(**values)
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Seed of one client's training in one round: a hash of ``(seed, round, partition)``."""
+    words = np.random.SeedSequence([seed, server_round, partition_id + 1]).generate_state(1)
+    return int(words[0] & 0x7FFFFFFF)
+
+
+@dataclass
+class LocalData:
+    """A hospital's training and validation sets."""
+
+    name: str
+    train: Dataset
+    val: Dataset | None
+
+
+def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict[str, list]]:
+    from shared_model.data.folder import list_samples
+    from shared_model.data.splits import split_samples
+
+    data = settings.data
+    if node.data_path:
+        path = Path(node.data_path)
+        if (path / "images").is_dir():
+            root, centres = path.parent, [path.name]
+        else:
+            root, centres = path, data.centres or None
+        samples, _ = list_samples(root, centres, data.on_error)
+        val = data.val_fraction if node.val_fraction is None else node.val_fraction
+        test = data.test_fraction if node.test_fraction is None else node.test_fraction
+        seed = data.split_seed if node.split_seed is None else node.split_seed
+        return path.name, split_samples(samples, val, test, seed)
+    if node.partition_id < 0 or node.num_partitions < 1:
+        raise ConfigError("node config: set data-path (deployment) or partition-id and num-partitions "
+                          "(simulation)")
+    hospitals = settings.partition.hospitals
+    if hospitals and hospitals != node.num_partitions:
+        raise ConfigError(f"partition-hospitals is {hospitals} but the simulation runs "
+                          f"{node.num_partitions} nodes (num-partitions)")
+    from simulation.partition import hospital_splits
+
+    site = hospital_splits(data, settings.partition, node.num_partitions)[node.partition_id]
+    return site.name, {"train": site.train, "val": site.val, "test": site.test}
+
+
+def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> LocalData:
+    """Build the hospital's datasets (training set augmented with ``seed`` if configured)."""
+    from shared_model.data.folder import PolypDataset
+
+    name, splits = _local_samples(settings, node)
+    data, size = settings.data, settings.model.sam.image_size
+    common = dict(prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
+    train = PolypDataset(splits["train"], size, augment=data.augment, seed=seed, **common)
+    val = PolypDataset(splits["val"], size, augment=False, **common) if splits["val"] else None
+    return LocalData(name, train, val)
+
+
+@dataclass
+class TrainOutcome:
+    """A client's reply: the delta (new - received, float32) and its metrics."""
+
+    delta: "OrderedDict[str, torch.Tensor]"
+    metrics: dict[str, int | float]
+    optimizer_state: dict | None
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else float("nan")
+
+
+def train_round(
+    model: torch.nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    data: LocalData,
+    settings: RunSettings,
+    server_round: int,
+    partition_id: int,
+    proximal_mu: float = 0.0,
+    optimizer_state: dict | None = None,
+) -> TrainOutcome:
+    """Load the global state, train ``local-steps`` steps, validate locally, return the delta.
+
+    Args:
+        model: A model built from ``settings.model`` (its frozen weights match the server's).
+        global_state: The received exchanged state (name -> float32 tensor).
+        data: The hospital's datasets.
+        settings: The run settings.
+        server_round: Current round (1-based), part of the training seed.
+        partition_id: The hospital's id, part of the training seed.
+        proximal_mu: FedProx's mu from the server (0 = plain local training).
+        optimizer_state: AdamW state carried over from the previous round, or None.
+    """
+    from shared_model.evaluate import evaluate_model
+    from shared_model.train import train_model
+
+    fed = settings.federation
+    seed = client_seed(fed.seed, server_round, partition_id)
+    torch.manual_seed(seed)
+    set_exchanged_state(model, global_state)
+    cfg = dataclasses.replace(settings.train, seed=seed, proximal_mu=proximal_mu, progress=False)
+    reference = OrderedDict((k, v.float()) for k, v in global_state.items()) if proximal_mu > 0 else None
+    result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
+                         proximal_reference=reference, optimizer_state=optimizer_state)
+    delta = state_delta(get_exchanged_state(model), global_state)
+    val_dice = float("nan")
+    if data.val is not None:
+        val_dice = evaluate_model(model, data.val, device=fed.device, batch_size=fed.eval_batch_size).aggregate["dice"]
+    metrics = {
+        "num-examples": len(data.train),
+        "partition-id": partition_id,
+        "train-loss": _finite(result.loss),
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+        "val-dice": _finite(val_dice),
+    }
+    return TrainOutcome(delta, metrics, result.optimizer_state)
+
+
+def evaluate_round(
+    model: torch.nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    data: LocalData,
+    settings: RunSettings,
+    partition_id: int,
+) -> dict[str, int | float]:
+    """Evaluate the global state on the hospital's validation split (Dice, IoU, HD95, ...).
+
+    Raises:
+        ValueError: If the hospital has no validation split.
+    """
+    from shared_model.evaluate import evaluate_model
+
+    if data.val is None:
+        raise ValueError(f"hospital {data.name!r} has no validation samples to evaluate on")
+    set_exchanged_state(model, global_state)
+    agg = evaluate_model(model, data.val, device=settings.federation.device,
+                         batch_size=settings.federation.eval_batch_size).aggregate
+    return {
+        "num-examples": len(data.val),
+        "partition-id": partition_id,
+        **{key: _finite(agg[key]) for key in ("dice", "iou", "hd95", "precision", "recall")},
+    }
+
+
+def pack_optimizer_state(state: dict) -> bytes:
+    """Serialise an optimizer ``state_dict`` for ``context.state``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def unpack_optimizer_state(blob: bytes) -> dict:
+    """Inverse of :func:`pack_optimizer_state`."""
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

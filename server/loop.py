@@ -1,0 +1,264 @@
+"""The server's round loop: train, federated evaluation, global evaluation, log, checkpoint.
+
+It follows ``flwr.serverapp.strategy.Strategy.start`` (configure_train -> send_and_receive ->
+aggregate_train -> configure_evaluate -> send_and_receive -> aggregate_evaluate -> evaluate_fn)
+but can start at any round, so that ``resume`` continues from the last checkpoint. Node sampling
+(Python's ``random``) is reseeded from ``(seed, round)`` every round, and client seeds depend on
+``(seed, round, partition)`` only, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from client.task import client_seed
+from client.wire import record_to_state, state_to_record
+from server.checkpoint import CHECKPOINT_NAME, ResumeError, ServerCheckpoint, check_resumable, load_checkpoint, save_checkpoint
+from server.report import AUDIT_NAME, METRICS_NAME, JsonLines, write_report
+from server.strategy import GuardedStrategy, build_inner_strategy
+from shared_model.config import ConfigError, RunSettings
+from shared_model.exchange import check_state, get_exchanged_state, set_exchanged_state, state_shapes
+
+log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
+
+GLOBAL_METRICS = ("dice", "iou", "hd95", "precision", "recall", "n")
+
+
+class FederatedServer:
+    """One federated run: model, strategy, evaluation sets, logs and checkpoints in ``run-dir``.
+
+    Args:
+        settings: Parsed run config.
+        run_config: The raw run config (stored in checkpoints).
+    """
+
+    def __init__(self, settings: RunSettings, run_config: dict[str, Any] | None = None) -> None:
+        from shared_model.model import build_model
+
+        fed = settings.federation
+        if not fed.run_dir:
+            raise ConfigError("run-dir: the server needs a folder for checkpoints, metrics and the report")
+        self.settings = settings
+        self.run_config = dict(run_config or {})
+        self.run_dir = Path(fed.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model = build_model(settings.model)
+        self.shapes = state_shapes(self.model)
+        self.strategy = GuardedStrategy(build_inner_strategy(fed), self.shapes, fed.wire_dtype,
+                                        fed.max_update_norm, fed.server_lr)
+        self.eval_set, self.test_set = self._eval_sets()
+        self.hospital_names = self._hospital_names()
+        self.metrics = JsonLines(self.run_dir / METRICS_NAME)
+        self.audit = JsonLines(self.run_dir / AUDIT_NAME)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _dataset(self, samples: list):
+        from shared_model.data.folder import PolypDataset
+
+        data = self.settings.data
+        return PolypDataset(samples, self.settings.model.sam.image_size, augment=False,
+                            prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
+
+    def _eval_sets(self):
+        """Global evaluation set (``global-eval``) and, when that is ``val``, the pooled test set.
+
+        Raises:
+            ConfigError: Naming ``global-eval`` when its data cannot be read (in deployment the
+                server usually holds no hospital data: use ``none`` or a held-out folder).
+        """
+        from shared_model.data.folder import DataError
+
+        try:
+            return self._read_eval_sets()
+        except (DataError, OSError) as err:
+            raise ConfigError(f"global-eval={self.settings.federation.global_eval!r}: {err}") from None
+
+    def _read_eval_sets(self):
+        from shared_model.data.folder import list_samples
+        from shared_model.data.splits import load_split_file, split_samples
+
+        choice, data = self.settings.federation.global_eval, self.settings.data
+        if choice == "none":
+            return None, None
+        if choice in ("val", "test"):
+            samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+            if data.split_file:
+                splits = load_split_file(data.split_file, samples)
+            else:
+                splits = split_samples(samples, data.val_fraction, data.test_fraction, data.split_seed)
+            if not splits[choice]:
+                raise ConfigError(f"global-eval: the pooled {choice} split of {data.root} is empty")
+            test = self._dataset(splits["test"]) if choice == "val" and splits["test"] else None
+            return self._dataset(splits[choice]), test
+        path = Path(choice)
+        if not path.is_dir():
+            raise ConfigError(f"global-eval: {choice!r} is neither 'val', 'test', 'none' nor a folder")
+        root, centres = (path.parent, [path.name]) if (path / "images").is_dir() else (path, None)
+        samples, _ = list_samples(root, centres, data.on_error)
+        return self._dataset(samples), None
+
+    def _hospital_names(self) -> dict[int, str]:
+        part = self.settings.partition
+        if part.hospitals <= 0:
+            return {}
+        from simulation.partition import hospital_splits
+
+        sites = hospital_splits(self.settings.data, part, part.hospitals)
+        return {i: site.name for i, site in enumerate(sites)}
+
+    def _name(self, row: dict[str, Any]) -> str:
+        pid = int(row.get("partition-id", -1))
+        if pid in self.hospital_names:
+            return self.hospital_names[pid]
+        return f"site-{pid}" if pid >= 0 else f"node-{row['node-id']}"
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, state: "OrderedDict[str, torch.Tensor]", dataset=None) -> dict[str, float] | None:
+        """Dice/IoU/HD95/precision/recall of ``state`` on the global evaluation set (or ``dataset``)."""
+        from shared_model.evaluate import evaluate_model
+
+        dataset = self.eval_set if dataset is None else dataset
+        if dataset is None:
+            return None
+        set_exchanged_state(self.model, state)
+        fed = self.settings.federation
+        agg = evaluate_model(self.model, dataset, device=fed.device, batch_size=fed.eval_batch_size).aggregate
+        return {k: float(agg[k]) for k in GLOBAL_METRICS}
+
+    def _save_model(self, name: str, state: "OrderedDict[str, torch.Tensor]", extra: dict[str, Any]) -> None:
+        from shared_model.checkpoint import save_model_checkpoint
+
+        set_exchanged_state(self.model, state)
+        save_model_checkpoint(self.run_dir / name, self.model, extra)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _start(self) -> tuple[ServerCheckpoint, int]:
+        path = self.run_dir / CHECKPOINT_NAME
+        if self.settings.federation.resume:
+            ckpt = load_checkpoint(path)
+            check_resumable(ckpt, self.settings.model, path)
+            check_state(ckpt.state, self.shapes)
+            self.strategy.load_state_dict(ckpt.strategy)
+            self.metrics.rewrite(ckpt.history)
+            self.audit.rewrite([r for r in self.audit.read() if r["round"] <= ckpt.round])
+            log.info("resuming after round %d from %s", ckpt.round, path)
+            return ckpt, ckpt.round + 1
+        if path.exists():
+            raise ResumeError(f"{path} exists: set resume=true to continue that run, or use a new run-dir")
+        state = get_exchanged_state(self.model)
+        ckpt = ServerCheckpoint(round=0, state=dict(state), model_config=self._model_dict(),
+                                run_config=self.run_config)
+        metrics = self.evaluate(state)
+        if metrics is not None:
+            ckpt.history.append({"round": 0, "kind": "global", **metrics})
+            ckpt.best_round, ckpt.best_dice, ckpt.best_state = 0, metrics["dice"], dict(state)
+        self.metrics.rewrite(ckpt.history)
+        self.audit.rewrite([])
+        save_checkpoint(path, ckpt)
+        return ckpt, 1
+
+    def _model_dict(self) -> dict[str, Any]:
+        from shared_model.config import to_dict
+
+        return to_dict(self.settings.model)
+
+    def run_round(self, grid: Grid, rnd: int, state: "OrderedDict[str, torch.Tensor]"):
+        """One round; returns the new global state and the round's metrics rows."""
+        fed = self.settings.federation
+        start = time.perf_counter()
+        random.seed(client_seed(fed.seed, rnd, -1))
+        arrays = state_to_record(state, "float32")
+        messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(messages=messages, timeout=fed.reply_timeout)
+        new_arrays, train_agg = self.strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            state = record_to_state(new_arrays)
+        train_rows = [{"round": rnd, "kind": "train", "hospital": self._name(r), **r}
+                      for r in self.strategy.train_records]
+        eval_messages = list(self.strategy.configure_evaluate(rnd, state_to_record(state, "float32"),
+                                                              ConfigRecord(), grid))
+        eval_agg = None
+        if eval_messages:
+            eval_agg = self.strategy.aggregate_evaluate(
+                rnd, grid.send_and_receive(messages=eval_messages, timeout=fed.reply_timeout))
+        eval_rows = [{"round": rnd, "kind": "evaluate", "hospital": self._name(r), **r}
+                     for r in self.strategy.eval_records]
+        metrics = self.evaluate(state)
+        accepted = [r for r in train_rows if r["accepted"]]
+        round_row = {
+            "round": rnd,
+            "kind": "round",
+            "seconds": time.perf_counter() - start,
+            "accepted": len(accepted),
+            "dropped": len(train_rows) - len(accepted),
+            "bytes-up": sum(r["bytes-up"] for r in accepted),
+            "bytes-down": self.strategy.bytes_down * (len(messages) + len(eval_messages)),
+            "train-loss": float(train_agg["train-loss"]) if train_agg is not None else None,
+            "dice": float(eval_agg["dice"]) if eval_agg is not None and "dice" in eval_agg else None,
+        }
+        global_rows = [{"round": rnd, "kind": "global", **metrics}] if metrics is not None else []
+        return state, train_rows + eval_rows + global_rows + [round_row]
+
+    def run(self, grid: Grid) -> Path:
+        """Run (or resume) all rounds; write the final report and return its path."""
+        fed = self.settings.federation
+        ckpt, first = self._start()
+        state = OrderedDict(ckpt.state)
+        for rnd in range(first, fed.num_server_rounds + 1):
+            state, rows = self.run_round(grid, rnd, state)
+            self.metrics.append(rows)
+            self.audit.append(self.strategy.audit)
+            ckpt.history.extend(rows)
+            score = _round_score(rows)
+            if score is not None and score > ckpt.best_dice:
+                ckpt.best_round, ckpt.best_dice, ckpt.best_state = rnd, score, dict(state)
+                self._save_model("best_model.pt", state, {"round": rnd, "dice": score})
+            ckpt.round, ckpt.state, ckpt.strategy = rnd, dict(state), self.strategy.state_dict()
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, ckpt)
+            if fed.keep_round_checkpoints:
+                save_checkpoint(self.run_dir / "checkpoints" / f"round-{rnd:03d}.pt", ckpt)
+            done = rows[-1]
+            log.info("round %d/%d: global Dice %s, federated Dice %s, %d accepted / %d dropped, %.1f s",
+                     rnd, fed.num_server_rounds, _fmt(next((r["dice"] for r in rows if r["kind"] == "global"), None)),
+                     _fmt(done["dice"]), done["accepted"], done["dropped"], done["seconds"])
+        return self.finish(ckpt)
+
+    def finish(self, ckpt: ServerCheckpoint) -> Path:
+        """Save the final/best models, evaluate the best state on the test split, write the report."""
+        state = OrderedDict(ckpt.state)
+        self._save_model("final_model.pt", state, {"round": ckpt.round})
+        if ckpt.best_round >= 0:
+            self._save_model("best_model.pt", OrderedDict(ckpt.best_state),
+                             {"round": ckpt.best_round, "dice": ckpt.best_dice})
+        extra: dict[str, Any] = {"best_dice": ckpt.best_dice if ckpt.best_round >= 0 else None}
+        if ckpt.best_round >= 0 and self.test_set is not None:
+            test = self.evaluate(OrderedDict(ckpt.best_state), self.test_set)
+            extra["best_round_test"] = {k: test[k] for k in ("dice", "iou", "hd95", "n")}
+        report = write_report(self.run_dir, ckpt.history, ckpt.best_round, extra)
+        log.info("report: %s", report)
+        return report
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _round_score(rows: list[dict[str, Any]]) -> float | None:
+    """Global Dice of the round, else the federated evaluation Dice, else None."""
+    for kind in ("global", "round"):
+        for row in rows:
+            if row["kind"] == kind and row.get("dice") is not None:
+                return float(row["dice"])
+    return None

@@ -1,0 +1,175 @@
+"""Metrics log (JSON lines) and the end-of-run report (summary JSON, Markdown, plots).
+
+Every row of ``metrics.jsonl`` has ``round`` and ``kind``:
+
+* ``global``: server-side evaluation of the global state (``dice``, ``iou``, ``hd95``, ...,
+  ``n``); round 0 is the initial state.
+* ``train``: one per train reply (``hospital``, ``node-id``, ``partition-id``, ``accepted``,
+  ``reason``, ``num-examples``, ``train-loss``, ``val-dice``, ``bytes-up``, ``bytes-down``,
+  ``update-norm`` = L2 norm of the delta).
+* ``evaluate``: one per federated-evaluation reply (``hospital``, ``dice``, ``iou``, ``hd95``, ...).
+* ``round``: totals of the round (``seconds``, ``accepted``, ``dropped``, ``bytes-up``,
+  ``bytes-down``, aggregated ``train-loss`` and federated ``dice``).
+
+Non-finite numbers are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+METRICS_NAME = "metrics.jsonl"
+AUDIT_NAME = "messages.jsonl"
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.md"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class JsonLines:
+    """Append-only JSON-lines file that can be rewritten from a known history (for resume)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def rewrite(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Replace the file's content with ``rows`` (atomically)."""
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append ``rows``, one JSON object per line."""
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """All rows (empty if the file does not exist)."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def summarize(rows: list[dict[str, Any]], best_round: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-round series from metrics rows: global Dice/IoU/HD95, per-hospital Dice, bytes, time."""
+    global_rows = {r["round"]: r for r in rows if r["kind"] == "global"}
+    round_rows = {r["round"]: r for r in rows if r["kind"] == "round"}
+    hospitals: dict[str, dict[int, float | None]] = {}
+    for r in rows:
+        if r["kind"] == "evaluate" and r.get("accepted"):
+            hospitals.setdefault(r["hospital"], {})[r["round"]] = r.get("dice")
+    train = [r for r in rows if r["kind"] == "train" and r.get("accepted")]
+    up = [r["bytes-up"] for r in train if r.get("bytes-up") is not None]
+    seconds = [r["seconds"] for r in round_rows.values() if r.get("seconds") is not None]
+    return {
+        "rounds": sorted(round_rows),
+        "global": {
+            metric: {str(k): global_rows[k].get(metric) for k in sorted(global_rows)}
+            for metric in ("dice", "iou", "hd95")
+        },
+        "federated_dice": {str(k): round_rows[k].get("dice") for k in sorted(round_rows)},
+        "hospital_dice": {h: {str(k): v for k, v in sorted(d.items())} for h, d in sorted(hospitals.items())},
+        "best_round": best_round,
+        "bytes_up_per_client_round": max(up) if up else None,
+        "bytes_down_per_client_round": max((r.get("bytes-down") or 0 for r in train), default=None),
+        "bytes_total": sum((r.get("bytes-up") or 0) + (r.get("bytes-down") or 0) for r in round_rows.values()),
+        "dropped_replies": sum(r.get("dropped", 0) for r in round_rows.values()),
+        "mean_round_seconds": sum(seconds) / len(seconds) if seconds else None,
+        **(extra or {}),
+    }
+
+
+def _plot(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    g = summary["global"]["dice"]
+    xs = [int(k) for k, v in g.items() if v is not None]
+    if xs:
+        ax.plot(xs, [g[str(x)] for x in xs], "k-o", lw=2, label="global (server-side)")
+    for name, series in summary["hospital_dice"].items():
+        hx = [int(k) for k, v in series.items() if v is not None]
+        ax.plot(hx, [series[str(x)] for x in hx], "--.", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("Dice")
+    ax.set_title("Dice by round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "dice.png", dpi=110)
+    plt.close(fig)
+    files.append("dice.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r for r in rows if r["kind"] == "round"]
+    rounds.sort(key=lambda r: r["round"])
+    x = [r["round"] for r in rounds]
+    down = [(r.get("bytes-down") or 0) / 1e6 for r in rounds]
+    up = [(r.get("bytes-up") or 0) / 1e6 for r in rounds]
+    ax.bar([v - 0.2 for v in x], down, width=0.4, label="server -> clients (train + evaluate)")
+    ax.bar([v + 0.2 for v in x], up, width=0.4, label="clients -> server (deltas)")
+    ax.set_ylim(0, 1.3 * max(down + up + [1e-6]))
+    ax.set_xlabel("round")
+    ax.set_ylabel("payload (MB)")
+    ax.set_title("Exchanged-state payload by round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bytes.png", dpi=110)
+    plt.close(fig)
+    files.append("bytes.png")
+    return files
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: int,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write ``summary.json``, the plots and ``report.md`` into ``run_dir``; return the report's path."""
+    run_dir = Path(run_dir)
+    summary = summarize(rows, best_round, extra)
+    (run_dir / SUMMARY_NAME).write_text(json.dumps(_clean(summary), indent=2, sort_keys=True))
+    plots = _plot(summary, rows, run_dir)
+    g = summary["global"]
+    lines = [
+        "# Federated run report",
+        "",
+        f"- Rounds: {len(summary['rounds'])}; best round (global validation Dice): {best_round}",
+        f"- Payload per client per round: up {_fmt(summary['bytes_up_per_client_round'])} B, "
+        f"down {_fmt(summary['bytes_down_per_client_round'])} B; total {summary['bytes_total']} B",
+        f"- Mean round time: {_fmt(summary['mean_round_seconds'], 1)} s; dropped replies: {summary['dropped_replies']}",
+    ]
+    for key, value in (extra or {}).items():
+        lines.append(f"- {key}: {_fmt(value) if not isinstance(value, dict) else json.dumps(_clean(value))}")
+    lines += ["", "Global: the server's evaluation of the global state (round 0 = initial state). Hospital "
+              "columns: federated evaluation, the global state's Dice on each hospital's validation split.",
+              "", "| round | global Dice | IoU | HD95 | " + " | ".join(summary["hospital_dice"]) + " |",
+              "|---" * (4 + len(summary["hospital_dice"])) + "|"]
+    for k in g["dice"]:
+        per = [_fmt(summary["hospital_dice"][h].get(k)) for h in summary["hospital_dice"]]
+        lines.append(f"| {k} | {_fmt(g['dice'][k])} | {_fmt(g['iou'][k])} | {_fmt(g['hd95'][k], 2)} | "
+                     + " | ".join(per) + " |")
+    lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
+    path = run_dir / REPORT_NAME
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,289 @@
+"""Flower strategies over deltas of the exchanged state, with every reply validated first.
+
+Clients reply with ``delta = local - received``. :class:`GuardedStrategy` wraps one of Flower's
+message strategies (``flwr.serverapp.strategy``) and
+
+1. sends the global state in the wire dtype (``configure_train`` / ``configure_evaluate``);
+2. validates each train reply: one ArrayRecord and one MetricRecord, the client metric contract
+   (:data:`client.task.TRAIN_METRIC_KEYS`), decodable wire arrays, then
+   ``shared_model.exchange.check_state`` (exact key set, shapes, finite values, optional L2 bound on
+   the delta). A bad reply is dropped and logged with its node id; the round goes on;
+3. hands the inner strategy full float32 states ``global + delta`` (sorted by partition id so the
+   aggregate does not depend on arrival order), which is what Flower's strategies aggregate:
+   FedAvg / FedProx (weighted by ``num-examples``), FedMedian and FedTrimmedAvg give
+   ``global + aggregate(deltas)``; FedAdam takes ``aggregate - global`` as the pseudo-gradient itself;
+4. applies the server learning rate: ``global += server_lr * (aggregate - global)`` for the
+   averaging strategies. For FedAdam the server step size is Flower's ``eta`` (``adam-eta``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
+
+from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
+from client.wire import record_nbytes, record_to_state, state_to_record
+from shared_model.config import FederationConfig
+from shared_model.exchange import ExchangeError, check_state, state_norm
+
+log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
+
+
+def build_inner_strategy(fed: FederationConfig) -> FedAvg:
+    """Flower's strategy named by ``fed.strategy`` with the sampling and algorithm settings."""
+    common = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_nodes,
+        min_evaluate_nodes=fed.min_nodes if fed.fraction_evaluate > 0 else 0,
+        min_available_nodes=fed.min_nodes,
+    )
+    if fed.strategy == "fedavg":
+        return FedAvg(**common)
+    if fed.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=fed.proximal_mu)
+    if fed.strategy == "fedmedian":
+        return FedMedian(**common)
+    if fed.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=fed.trimmed_beta)
+    if fed.strategy == "fedadam":
+        return FedAdam(**common, eta=fed.adam_eta, beta_1=fed.adam_beta_1, beta_2=fed.adam_beta_2,
+                       tau=fed.adam_tau)
+    raise ValueError(f"strategy: unknown strategy {fed.strategy!r}")
+
+
+class ReplyError(ValueError):
+    """A client reply breaks the message contract."""
+
+
+def describe_message(msg: Message) -> dict[str, Any]:
+    """Structure of a reply as received: record names, array keys with dtype and shape, metric keys."""
+    if msg.has_error():
+        return {"error": str(msg.error.reason)}
+    content = msg.content
+    return {
+        "array-records": {
+            name: {key: [arr.dtype, list(arr.shape)] for key, arr in rec.items()}
+            for name, rec in content.array_records.items()
+        },
+        "metric-records": {name: sorted(rec.keys()) for name, rec in content.metric_records.items()},
+        "config-records": {name: sorted(rec.keys()) for name, rec in content.config_records.items()},
+    }
+
+
+def _single_metrics(content: RecordDict, expected: tuple[str, ...]) -> MetricRecord:
+    if len(content.metric_records) != 1:
+        raise ReplyError(f"expected one MetricRecord, got {len(content.metric_records)}")
+    metrics = next(iter(content.metric_records.values()))
+    if set(metrics.keys()) != set(expected):
+        raise ReplyError(f"metric keys {sorted(metrics.keys())} != expected {sorted(expected)}")
+    for key, value in metrics.items():
+        if isinstance(value, list) or isinstance(value, bool):
+            raise ReplyError(f"metric {key!r} must be a single number, got {value!r}")
+    examples = metrics["num-examples"]
+    if not math.isfinite(examples) or examples <= 0:
+        raise ReplyError(f"num-examples must be a positive number, got {examples!r}")
+    return metrics
+
+
+class GuardedStrategy(Strategy):
+    """Validation, wire encoding, delta handling and server learning rate around a Flower strategy.
+
+    Args:
+        inner: A Flower message strategy (FedAvg family or FedAdam).
+        shapes: Exchanged tensor name -> shape (``shared_model.exchange.state_shapes``).
+        wire_dtype: dtype of the global state sent to clients.
+        max_update_norm: Bound on the L2 norm of a client's delta (0 = none).
+        server_lr: Step on the aggregated delta (ignored for FedAdam, which uses its ``eta``).
+
+    Attributes:
+        train_records / eval_records: Per-reply dicts of the last round (node id, partition id,
+            accepted, reason, metrics, bytes), for the metrics log.
+        audit: Per-reply structure (:func:`describe_message`) of the last round, for the audit log.
+        bytes_down: Bytes of the global state as sent to one client in the last round.
+    """
+
+    def __init__(
+        self,
+        inner: FedAvg,
+        shapes: Mapping[str, torch.Size | tuple[int, ...]],
+        wire_dtype: str = "float32",
+        max_update_norm: float = 0.0,
+        server_lr: float = 1.0,
+    ) -> None:
+        self.inner = inner
+        self.shapes = OrderedDict((k, tuple(v)) for k, v in shapes.items())
+        self.wire_dtype = wire_dtype
+        self.max_update_norm = max_update_norm if max_update_norm > 0 else None
+        self.server_lr = server_lr
+        self.global_state: OrderedDict[str, torch.Tensor] | None = None
+        self.train_records: list[dict[str, Any]] = []
+        self.eval_records: list[dict[str, Any]] = []
+        self.audit: list[dict[str, Any]] = []
+        self.bytes_down = 0
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _to_wire(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+        wire = state_to_record(record_to_state(arrays), self.wire_dtype)
+        self.bytes_down = record_nbytes(wire)
+        out = []
+        for msg in messages:
+            content = msg.content
+            config = content.config_records.get(self.inner.configrecord_key, ConfigRecord())
+            msg.content = RecordDict({self.inner.arrayrecord_key: wire, self.inner.configrecord_key: config})
+            out.append(msg)
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes through the inner strategy; send the global state in the wire dtype."""
+        self.global_state = record_to_state(arrays)
+        self.audit = []
+        return self._to_wire(self.inner.configure_train(server_round, arrays, config, grid), arrays)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes through the inner strategy; send the global state in the wire dtype."""
+        return self._to_wire(self.inner.configure_evaluate(server_round, arrays, config, grid), arrays)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def validate_train_reply(self, msg: Message) -> tuple["OrderedDict[str, torch.Tensor]", MetricRecord, int]:
+        """Decode and check one train reply.
+
+        Returns:
+            ``(delta, metrics, payload bytes)``.
+
+        Raises:
+            ReplyError / ExchangeError: Naming what is wrong.
+        """
+        if msg.has_error():
+            raise ReplyError(f"client error: {msg.error.reason}")
+        content = msg.content
+        if len(content.array_records) != 1:
+            raise ReplyError(f"expected one ArrayRecord, got {len(content.array_records)}")
+        metrics = _single_metrics(content, TRAIN_METRIC_KEYS)
+        record = next(iter(content.array_records.values()))
+        delta = record_to_state(record)
+        check_state(delta, self.shapes, self.max_update_norm)
+        return delta, metrics, record_nbytes(record)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, convert deltas to states, aggregate with the inner strategy, apply server lr."""
+        if self.global_state is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        self.train_records = []
+        accepted: list[tuple[tuple[float, int], Message]] = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            self.audit.append({"round": server_round, "phase": "train", "node-id": node, **describe_message(msg)})
+            row: dict[str, Any] = {"node-id": node, "accepted": False, "reason": "", "bytes-down": self.bytes_down}
+            try:
+                delta, metrics, nbytes = self.validate_train_reply(msg)
+            except (ReplyError, ExchangeError) as err:
+                log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
+                row["reason"] = str(err)
+                self.train_records.append(row)
+                continue
+            row.update(accepted=True, **{k: float(v) for k, v in metrics.items()},
+                       **{"bytes-up": nbytes, "update-norm": state_norm(delta)})
+            self.train_records.append(row)
+            full = OrderedDict((k, (self.global_state[k] + delta[k]).numpy()) for k in self.shapes)
+            msg.content = RecordDict({
+                self.inner.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in full.items()}),
+                "metrics": metrics,
+            })
+            accepted.append(((float(metrics["partition-id"]), node), msg))
+        if not accepted:
+            log.warning("round %d: no valid reply; the global state is unchanged", server_round)
+            return None, None
+        accepted.sort(key=lambda item: item[0])
+        agg_arrays, agg_metrics = self.inner.aggregate_train(server_round, [m for _, m in accepted])
+        if agg_arrays is None:
+            return None, agg_metrics
+        # Flower's aggregators may promote to float64 (FedAdam, trimmed mean): back to float32.
+        aggregate = OrderedDict(
+            (k, torch.from_numpy(np.asarray(a.numpy(), dtype=np.float32))) for k, a in agg_arrays.items()
+        )
+        if isinstance(self.inner, FedOpt) or self.server_lr == 1.0:
+            new_state = aggregate
+        else:
+            new_state = OrderedDict(
+                (k, g + self.server_lr * (aggregate[k] - g)) for k, g in self.global_state.items()
+            )
+        return state_to_record(new_state, "float32"), agg_metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Drop malformed evaluation replies, then aggregate with the inner strategy."""
+        self.eval_records = []
+        accepted: list[tuple[tuple[float, int], Message]] = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            self.audit.append({"round": server_round, "phase": "evaluate", "node-id": node,
+                               **describe_message(msg)})
+            try:
+                if msg.has_error():
+                    raise ReplyError(f"client error: {msg.error.reason}")
+                if msg.content.array_records:
+                    raise ReplyError("evaluation replies must not carry arrays")
+                metrics = _single_metrics(msg.content, EVAL_METRIC_KEYS)
+            except ReplyError as err:
+                log.warning("round %d: dropped evaluation reply from node %d: %s", server_round, node, err)
+                self.eval_records.append({"node-id": node, "accepted": False, "reason": str(err)})
+                continue
+            self.eval_records.append({"node-id": node, "accepted": True, "reason": "",
+                                      **{k: float(v) for k, v in metrics.items()}})
+            accepted.append(((float(metrics["partition-id"]), node), msg))
+        if not accepted:
+            return None
+        accepted.sort(key=lambda item: item[0])
+        return self.inner.aggregate_evaluate(server_round, [m for _, m in accepted])
+
+    def summary(self) -> None:
+        """Log the inner strategy's summary and the guard's settings."""
+        self.inner.summary()
+        log.info("GuardedStrategy: wire dtype %s, max update norm %s, server lr %s",
+                 self.wire_dtype, self.max_update_norm, self.server_lr)
+
+    # -- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server-optimiser state of the inner strategy (FedAdam's moments) as CPU tensors."""
+        if not isinstance(self.inner, FedOpt):
+            return {}
+        return {
+            name: None if getattr(self.inner, name) is None
+            else {k: torch.from_numpy(np.array(v)) for k, v in getattr(self.inner, name).items()}
+            for name in ("m_t", "v_t")
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: If the state does not belong to this strategy.
+        """
+        if not isinstance(self.inner, FedOpt):
+            if state:
+                raise ValueError(f"checkpoint holds server-optimiser state {sorted(state)} but the "
+                                 f"strategy {type(self.inner).__name__} has none")
+            return
+        for name in ("m_t", "v_t"):
+            if name not in state:
+                raise ValueError(f"checkpoint lacks the {type(self.inner).__name__} state {name!r}")
+            value = state[name]
+            setattr(self.inner, name, None if value is None else {k: v.numpy() for k, v in value.items()})

@@ -10,6 +10,7 @@ but can start at any round, so that ``resume`` continues from the last checkpoin
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -19,11 +20,13 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from client.task import client_seed
+from client.task import client_seed, train_metric_keys
 from client.wire import record_to_state, state_to_record
 from server.checkpoint import CHECKPOINT_NAME, ResumeError, ServerCheckpoint, check_resumable, load_checkpoint, save_checkpoint
 from server.report import AUDIT_NAME, METRICS_NAME, JsonLines, write_report
+from server.privacy import check_privacy_strategy, declined, privacy_summary, round_privacy, wrap_central_dp
 from server.strategy import GuardedStrategy, build_inner_strategy
 from shared_model.config import ConfigError, RunSettings
 from shared_model.exchange import check_state, get_exchanged_state, set_exchanged_state, state_shapes
@@ -53,8 +56,10 @@ class FederatedServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = build_model(settings.model)
         self.shapes = state_shapes(self.model)
-        self.strategy = GuardedStrategy(build_inner_strategy(fed), self.shapes, fed.wire_dtype,
-                                        fed.max_update_norm, fed.server_lr)
+        check_privacy_strategy(settings)
+        inner = wrap_central_dp(build_inner_strategy(fed), settings.privacy, fed, settings.partition)
+        self.strategy = GuardedStrategy(inner, self.shapes, fed.wire_dtype, fed.max_update_norm, fed.server_lr,
+                                        train_metric_keys(settings))
         self.eval_set, self.test_set = self._eval_sets()
         self.hospital_names = self._hospital_names()
         self.metrics = JsonLines(self.run_dir / METRICS_NAME)
@@ -136,6 +141,21 @@ class FederatedServer:
         agg = evaluate_model(self.model, dataset, device=fed.device, batch_size=fed.eval_batch_size).aggregate
         return {k: float(agg[k]) for k in GLOBAL_METRICS}
 
+    def test_report(self, state: "OrderedDict[str, torch.Tensor]") -> dict[str, Any]:
+        """Dice/IoU/HD95 of ``state`` on the pooled test split and on each centre's part of it."""
+        from shared_model.evaluate import evaluate_model
+
+        set_exchanged_state(self.model, state)
+        fed = self.settings.federation
+        result = evaluate_model(self.model, self.test_set, device=fed.device, batch_size=fed.eval_batch_size)
+        keys = ("dice", "iou", "hd95", "n")
+        return {
+            "best_round_test": {k: float(result.aggregate[k]) for k in keys},
+            "best_round_test_by_centre": {
+                centre: {k: float(agg[k]) for k in keys} for centre, agg in result.by_centre().items()
+            },
+        }
+
     def _save_model(self, name: str, state: "OrderedDict[str, torch.Tensor]", extra: dict[str, Any]) -> None:
         from shared_model.checkpoint import save_model_checkpoint
 
@@ -179,14 +199,19 @@ class FederatedServer:
         fed = self.settings.federation
         start = time.perf_counter()
         random.seed(client_seed(fed.seed, rnd, -1))
-        arrays = state_to_record(state, "float32")
-        messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        replies = grid.send_and_receive(messages=messages, timeout=fed.reply_timeout)
-        new_arrays, train_agg = self.strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            state = record_to_state(new_arrays)
-        train_rows = [{"round": rnd, "kind": "train", "hospital": self._name(r), **r}
-                      for r in self.strategy.train_records]
+        messages: list = []
+        secagg = None
+        if self.settings.privacy.secagg:
+            state, train_rows, train_agg, secagg = self._train_secagg(grid, rnd, state)
+        else:
+            arrays = state_to_record(state, "float32")
+            messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages=messages, timeout=fed.reply_timeout)
+            new_arrays, train_agg = self.strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                state = record_to_state(new_arrays)
+            train_rows = [{"round": rnd, "kind": "train", "hospital": self._name(r), **r}
+                          for r in self.strategy.train_records]
         eval_messages = list(self.strategy.configure_evaluate(rnd, state_to_record(state, "float32"),
                                                               ConfigRecord(), grid))
         eval_agg = None
@@ -203,13 +228,32 @@ class FederatedServer:
             "seconds": time.perf_counter() - start,
             "accepted": len(accepted),
             "dropped": len(train_rows) - len(accepted),
-            "bytes-up": sum(r["bytes-up"] for r in accepted),
-            "bytes-down": self.strategy.bytes_down * (len(messages) + len(eval_messages)),
+            "bytes-up": secagg["bytes-up"] if secagg else sum(r["bytes-up"] for r in accepted),
+            "bytes-down": self.strategy.bytes_down * (len(messages) + len(eval_messages))
+            + (secagg["bytes-down"] if secagg else 0),
             "train-loss": float(train_agg["train-loss"]) if train_agg is not None else None,
             "dice": float(eval_agg["dice"]) if eval_agg is not None and "dice" in eval_agg else None,
+            **round_privacy(self.strategy.inner, train_rows),
         }
+        if secagg:
+            round_row["secagg-seconds"] = secagg["seconds"]
         global_rows = [{"round": rnd, "kind": "global", **metrics}] if metrics is not None else []
         return state, train_rows + eval_rows + global_rows + [round_row]
+
+    def _train_secagg(self, grid: Grid, rnd: int, state: "OrderedDict[str, torch.Tensor]"):
+        """Training phase with SecAgg+: the server only learns the weighted average of the deltas."""
+        from server.secagg import secagg_train_round
+
+        fed = self.settings.federation
+        mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
+        delta, info = secagg_train_round(grid, self.settings, rnd, state, mu)
+        if delta is not None:
+            state = OrderedDict((k, v + fed.server_lr * delta[k]) for k, v in state.items())
+        rows = [{"round": rnd, "kind": "train", "hospital": self._name(r), **r} for r in info["records"]]
+        done = [r for r in rows if r["accepted"] and math.isfinite(r.get("train-loss", math.nan))]
+        weight = sum(r["num-examples"] for r in done)
+        loss = sum(r["num-examples"] * r["train-loss"] for r in done) / weight if weight else math.nan
+        return state, rows, {"train-loss": loss}, info
 
     def run(self, grid: Grid) -> Path:
         """Run (or resume) all rounds; write the final report and return its path."""
@@ -217,7 +261,11 @@ class FederatedServer:
         ckpt, first = self._start()
         state = OrderedDict(ckpt.state)
         for rnd in range(first, fed.num_server_rounds + 1):
-            state, rows = self.run_round(grid, rnd, state)
+            try:
+                state, rows = self.run_round(grid, rnd, state)
+            except PrivacyBudgetExhausted as err:
+                log.warning("round %d not run: %s; stopping", rnd, err)
+                break
             self.metrics.append(rows)
             self.audit.append(self.strategy.audit)
             ckpt.history.extend(rows)
@@ -233,6 +281,10 @@ class FederatedServer:
             log.info("round %d/%d: global Dice %s, federated Dice %s, %d accepted / %d dropped, %.1f s",
                      rnd, fed.num_server_rounds, _fmt(next((r["dice"] for r in rows if r["kind"] == "global"), None)),
                      _fmt(done["dice"]), done["accepted"], done["dropped"], done["seconds"])
+            train = [r for r in rows if r["kind"] == "train"]
+            if train and all(declined(r) for r in train):
+                log.warning("every hospital declined round %d (local DP budgets spent); stopping", rnd)
+                break
         return self.finish(ckpt)
 
     def finish(self, ckpt: ServerCheckpoint) -> Path:
@@ -244,8 +296,8 @@ class FederatedServer:
                              {"round": ckpt.best_round, "dice": ckpt.best_dice})
         extra: dict[str, Any] = {"best_dice": ckpt.best_dice if ckpt.best_round >= 0 else None}
         if ckpt.best_round >= 0 and self.test_set is not None:
-            test = self.evaluate(OrderedDict(ckpt.best_state), self.test_set)
-            extra["best_round_test"] = {k: test[k] for k in ("dice", "iou", "hd95", "n")}
+            extra.update(self.test_report(OrderedDict(ckpt.best_state)))
+        extra["privacy"] = privacy_summary(self.settings, ckpt.history, self.strategy.inner)
         report = write_report(self.run_dir, ckpt.history, ckpt.best_round, extra)
         log.info("report: %s", report)
         return report

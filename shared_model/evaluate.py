@@ -21,6 +21,15 @@ class EvalResult:
     aggregate: dict[str, float]
     per_image: list[dict] = field(default_factory=list)
 
+    def by_centre(self) -> dict[str, dict[str, float]]:
+        """Aggregate metrics per centre (hospital) of the evaluated images."""
+        groups: dict[str, list[dict]] = {}
+        for row in self.per_image:
+            groups.setdefault(row["centre"], []).append(
+                {k: v for k, v in row.items() if k not in ("stem", "centre")}
+            )
+        return {centre: aggregate(rows) for centre, rows in sorted(groups.items())}
+
 
 @torch.no_grad()
 def evaluate_model(

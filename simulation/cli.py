@@ -109,7 +109,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``simulate`` subcommand to the ``promptsam`` parser."""
+    """Add the ``simulate`` subcommand (and ``bench round``) to the ``promptsam`` parser."""
     p = subparsers.add_parser("simulate", help="run a federated experiment on Flower's simulation engine")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -117,6 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.set_defaults(func=cmd_simulate)
+    from shared_model.cli import BENCH_SUBPARSERS
+    from simulation.bench import register_bench
+
+    # `promptsam bench` of the parser being built is the latest entry; an older parser's already has `round`.
+    if BENCH_SUBPARSERS and "round" not in BENCH_SUBPARSERS[-1].choices:
+        register_bench(BENCH_SUBPARSERS[-1])
     return p
 
 

@@ -1,0 +1,305 @@
+"""``promptsam bench round``: what one federated round costs, printed as JSON.
+
+Three measurements:
+
+1. **Payload**: bytes one client uploads (its delta) and downloads (the global state, once in the
+   train message and once in the evaluate message) per round, for every wire dtype, measured on
+   real ``client.wire.state_to_record`` records of the aggregation preset and of the simulated
+   (tiny) preset.
+2. **Server aggregation**: wall time of :meth:`server.strategy.GuardedStrategy.aggregate_train`
+   (decode + validate + ``global + delta`` + FedAvg + re-encode) over K fake train replies built
+   exactly like ``client.app.train`` builds them, from random deltas of the preset's exchanged
+   shapes (1 x numel per tensor, any rank).
+3. **Flower overhead**: N hospitals run ``rounds`` rounds of the tiny preset on synthetic data in
+   this process (:class:`simulation.inprocess.InProcessGrid`, no transport), every ClientApp call
+   and the server's global evaluation timed; what remains of the round's wall time is Flower's
+   and the strategy's own work (message building, wire encoding, validation, aggregation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from client.wire import record_nbytes, state_to_record
+from server.strategy import GuardedStrategy
+from shared_model.config import PRESETS, get_preset
+from shared_model.exchange import WIRE_DTYPES, get_exchanged_state, state_shapes
+from simulation.inprocess import InProcessGrid
+
+DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+DEFINITIONS = {
+    "up_bytes": "one client's train reply: its delta as a wire ArrayRecord (tensor payload bytes)",
+    "down_bytes": "the global state as one wire ArrayRecord; sent in the train and in the evaluate message",
+    "down_bytes_per_round": "2 x down_bytes (train + federated evaluate message)",
+    "aggregation_seconds": "GuardedStrategy.aggregate_train over K replies (decode, check_state, global + delta, "
+                           "FedAvg, float32 re-encode); best of --repeats",
+    "round_seconds": "server wall time of one round (FederatedServer.run_round): train, aggregate, federated "
+                     "evaluate, global evaluation",
+    "client_app_seconds": "summed wall time inside ClientApp calls (model build, data load, wire decode/encode, "
+                          "training, evaluation), by message type",
+    "client_train_seconds": "sum of the clients' 'train-seconds' metric (their local training loops only)",
+    "server_eval_seconds": "the server's global evaluation inside the round",
+    "flower_overhead_seconds": "round_seconds - client_app_seconds.total - server_eval_seconds: Flower messages, "
+                               "strategy sampling/configure, wire encoding of the global state, reply validation "
+                               "and aggregation, in process (no gRPC / Ray transport)",
+    "flower_overhead_share": "flower_overhead_seconds / client_app_seconds.total (clients run one after another)",
+    "flower_overhead_share_of_train": "flower_overhead_seconds / client_train_seconds",
+}
+
+
+# -- payload ------------------------------------------------------------------------------------
+
+
+def random_state(shapes: Mapping[str, tuple[int, ...]], scale: float, generator: torch.Generator
+                 ) -> "OrderedDict[str, torch.Tensor]":
+    """Normal(0, scale^2) float32 tensors of the given shapes."""
+    return OrderedDict((k, torch.randn(tuple(s), generator=generator) * scale) for k, s in shapes.items())
+
+
+def payload_bytes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, int]]:
+    """Per-client bytes per round for every wire dtype, measured on real wire records.
+
+    Returns:
+        ``{dtype: {"up_bytes", "down_bytes", "down_bytes_per_round"}}``; the delta and the global
+        state have the same shapes, so ``up_bytes == down_bytes``.
+    """
+    state = random_state(shapes, 1.0, torch.Generator().manual_seed(0))
+    out = {}
+    for dtype in WIRE_DTYPES:
+        nbytes = record_nbytes(state_to_record(state, dtype))
+        out[dtype] = {"up_bytes": nbytes, "down_bytes": nbytes, "down_bytes_per_round": 2 * nbytes}
+    return out
+
+
+# -- aggregation --------------------------------------------------------------------------------
+
+
+def train_metrics(partition_id: int, num_examples: int) -> MetricRecord:
+    """A train reply's metrics: every :data:`client.task.TRAIN_METRIC_KEYS` key, the others 0.5."""
+    from client.task import TRAIN_METRIC_KEYS
+
+    values = {key: 0.5 for key in TRAIN_METRIC_KEYS}
+    values.update({"num-examples": num_examples, "partition-id": partition_id})
+    return MetricRecord(values)
+
+
+def guarded_round(
+    shapes: Mapping[str, tuple[int, ...]],
+    global_state: Mapping[str, torch.Tensor],
+    deltas: list[Mapping[str, torch.Tensor]],
+    wire_dtype: str,
+    num_examples: list[int] | None = None,
+) -> tuple[GuardedStrategy, list[Message]]:
+    """A GuardedStrategy (FedAvg) configured for round 1 and the K client replies to aggregate.
+
+    Each reply is built like ``client.app.train`` builds it: ``arrays`` = the delta in
+    ``wire_dtype``, ``metrics`` = the train metrics, ``reply_to`` the strategy's train message.
+
+    Returns:
+        ``(strategy, replies)``; call ``strategy.aggregate_train(1, replies)`` once (it consumes them).
+    """
+    k = len(deltas)
+    num_examples = num_examples or [10] * k
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=k, min_evaluate_nodes=k,
+                   min_available_nodes=k)
+    strategy = GuardedStrategy(inner, shapes, wire_dtype)
+    grid = InProcessGrid(None, {}, k)  # type: ignore[arg-type] - only its node ids are used
+    messages = list(strategy.configure_train(1, state_to_record(global_state, "float32"), ConfigRecord(), grid))
+    if len(messages) != k:
+        raise RuntimeError(f"FedAvg sampled {len(messages)} nodes, expected {k}")
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = []
+    for i, node in enumerate(sorted(by_node)):
+        content = RecordDict({"arrays": state_to_record(deltas[i], wire_dtype),
+                              "metrics": train_metrics(i, num_examples[i])})
+        replies.append(Message(content=content, reply_to=by_node[node]))
+    return strategy, replies
+
+
+def time_aggregation(shapes: Mapping[str, tuple[int, ...]], updates: int, wire_dtype: str,
+                     repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of ``aggregate_train`` over ``updates`` random deltas (scale 1e-3)."""
+    gen = torch.Generator().manual_seed(seed)
+    global_state = random_state(shapes, 0.02, gen)
+    deltas = [random_state(shapes, 1e-3, gen) for _ in range(updates)]
+    times = []
+    for _ in range(repeats):
+        strategy, replies = guarded_round(shapes, global_state, deltas, wire_dtype)
+        start = time.perf_counter()
+        arrays, _ = strategy.aggregate_train(1, replies)
+        times.append(time.perf_counter() - start)
+        if arrays is None or not all(r["accepted"] for r in strategy.train_records):
+            raise RuntimeError(f"aggregation benchmark: replies were dropped: {strategy.train_records[:1]}")
+    best = min(times)
+    return {"seconds": best, "ms_per_update": 1000 * best / updates}
+
+
+# -- one federated round in process -------------------------------------------------------------
+
+
+class TimedGrid(InProcessGrid):
+    """An :class:`InProcessGrid` that sums the wall time of the ClientApp calls by message type."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seconds: dict[str, float] = {}
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        """Run every message through the ClientApp, timing each call."""
+        replies = []
+        for msg in messages:
+            start = time.perf_counter()
+            replies += super().send_and_receive([msg], timeout=timeout)
+            kind = msg.metadata.message_type
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+        return replies
+
+
+def bench_inprocess_rounds(hospitals: int, rounds: int, local_steps: int, run_dir: Path,
+                           per_centre: int = 8, image_size: int = 64) -> list[dict[str, Any]]:
+    """Run ``rounds`` rounds of the tiny demo with ``hospitals`` clients; time each round's parts.
+
+    Returns:
+        One dict per round with the keys described in :data:`DEFINITIONS`.
+    """
+    from client.app import app as client_app
+    from server.loop import FederatedServer
+    from shared_model.config import from_run_config
+    from simulation.cli import prepare_run
+
+    overrides = {
+        "federation.num_server_rounds": rounds, "federation.local_steps": local_steps,
+        "federation.min_nodes": min(2, hospitals), "train.batch_size": 2,
+        "synthetic.centres": hospitals, "synthetic.per_centre": per_centre, "synthetic.image_size": image_size,
+        "simulation.num_supernodes": hospitals,
+    }
+    exp, run_dir = prepare_run(DEMO, overrides, run_dir)
+    run_config = exp.run_config()
+    server = FederatedServer(from_run_config(run_config), run_config)
+    grid = TimedGrid(client_app, run_config, hospitals)
+    eval_seconds = [0.0]
+    evaluate = server.evaluate
+
+    def timed_evaluate(state, dataset=None):
+        start = time.perf_counter()
+        out = evaluate(state, dataset)
+        eval_seconds[0] += time.perf_counter() - start
+        return out
+
+    server.evaluate = timed_evaluate  # type: ignore[method-assign]
+    state = get_exchanged_state(server.model)
+    results = []
+    for rnd in range(1, rounds + 1):
+        grid.seconds, eval_seconds[0] = {}, 0.0
+        state, rows = server.run_round(grid, rnd, state)
+        round_row = rows[-1]
+        train = [r for r in rows if r["kind"] == "train" and r["accepted"]]
+        app_total = sum(grid.seconds.values())
+        train_seconds = sum(r["train-seconds"] for r in train)
+        overhead = round_row["seconds"] - app_total - eval_seconds[0]
+        results.append({
+            "round": rnd,
+            "accepted": round_row["accepted"],
+            "round_seconds": round_row["seconds"],
+            "client_app_seconds": {**{k: v for k, v in sorted(grid.seconds.items())}, "total": app_total},
+            "client_train_seconds": train_seconds,
+            "server_eval_seconds": eval_seconds[0],
+            "flower_overhead_seconds": overhead,
+            "flower_overhead_share": overhead / app_total if app_total > 0 else None,
+            "flower_overhead_share_of_train": overhead / train_seconds if train_seconds > 0 else None,
+            "measured_bytes_up": round_row["bytes-up"],
+            "measured_bytes_down": round_row["bytes-down"],
+        })
+    return results
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100), rounds: int = 2,
+                agg_preset: str = "base", local_steps: int = 2, repeats: int = 3,
+                run_dir: str | Path | None = None) -> dict[str, Any]:
+    """All three measurements (see the module docstring) as one JSON-serialisable dict."""
+    if hospitals < 1 or rounds < 1 or local_steps < 1 or repeats < 1 or any(u < 1 for u in updates):
+        raise ValueError("bench round: --hospitals, --rounds, --local-steps, --repeats and --updates must be >= 1")
+    from shared_model.model import build_model
+
+    start = time.perf_counter()
+    agg_shapes = OrderedDict((k, tuple(v)) for k, v in state_shapes(build_model(get_preset(agg_preset))).items())
+    tiny_shapes = OrderedDict((k, tuple(v)) for k, v in state_shapes(build_model(get_preset("tiny"))).items())
+    aggregation = {
+        dtype: {str(k): time_aggregation(agg_shapes, k, dtype, repeats) for k in updates} for dtype in WIRE_DTYPES
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
+        rounds_out = bench_inprocess_rounds(hospitals, rounds, local_steps, Path(run_dir or tmp))
+    return {
+        "hospitals": hospitals,
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "torch_threads": torch.get_num_threads(),
+        "payload": {
+            "aggregation_preset": agg_preset,
+            "aggregation_preset_numel": sum(int(torch.Size(s).numel()) for s in agg_shapes.values()),
+            "per_client_per_round": payload_bytes(agg_shapes),
+            "simulated_preset": "tiny",
+            "simulated_preset_per_client_per_round": payload_bytes(tiny_shapes),
+        },
+        "aggregation_seconds": {"preset": agg_preset, "strategy": "fedavg", "by_wire_dtype": aggregation},
+        "flower_overhead": {"preset": "tiny", "wire_dtype": "float32", "per_round": rounds_out},
+        "definitions": DEFINITIONS,
+        "bench_seconds": time.perf_counter() - start,
+    }
+
+
+def cmd_bench_round(args: argparse.Namespace) -> int:
+    """Entry point of ``promptsam bench round``."""
+    result = bench_round(args.hospitals, tuple(args.updates), args.rounds, args.agg_preset, args.local_steps,
+                         args.repeats, args.run_dir)
+    if args.json:
+        print(json.dumps(result, indent=2), flush=True)
+        return 0
+    for dtype, row in result["payload"]["per_client_per_round"].items():
+        print(f"{dtype:>8}: up {row['up_bytes']:,} B, down {row['down_bytes_per_round']:,} B per client per round; "
+              "aggregation " + ", ".join(f"{k} updates {v['seconds'] * 1000:.1f} ms"
+                                         for k, v in result["aggregation_seconds"]["by_wire_dtype"][dtype].items()))
+    for r in result["flower_overhead"]["per_round"]:
+        print(f"round {r['round']}: {r['round_seconds']:.2f} s, clients {r['client_app_seconds']['total']:.2f} s, "
+              f"Flower overhead {r['flower_overhead_seconds']:.3f} s ({100 * r['flower_overhead_share']:.1f}% of "
+              "client compute)")
+    return 0
+
+
+def register_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``round`` to the ``promptsam bench`` subcommands."""
+    p = bench_subparsers.add_parser("round", help="one federated round's costs: bytes, aggregation time, "
+                                                  "Flower overhead (tiny preset, CPU)")
+    p.add_argument("--hospitals", type=int, default=3, help="simulated hospitals in the in-process round")
+    p.add_argument("--updates", type=int, nargs="+", default=[10, 100], help="numbers of updates to aggregate")
+    p.add_argument("--rounds", type=int, default=2, help="in-process rounds (the first one includes warm-up)")
+    p.add_argument("--agg-preset", default="base", choices=sorted(PRESETS),
+                   help="preset whose exchanged state is aggregated (tiny for a fast check)")
+    p.add_argument("--local-steps", type=int, default=2, help="local training steps per client per round")
+    p.add_argument("--repeats", type=int, default=3, help="aggregation timing: best of this many")
+    p.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
+    p.set_defaults(func=cmd_bench_round)
+    return p
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="promptsam bench")
+    register_bench(parser.add_subparsers(dest="bench", required=True))
+    cli_args = parser.parse_args()
+    sys.exit(cli_args.func(cli_args))

@@ -1,0 +1,60 @@
+"""``promptsam bench round`` end to end with tiny sizes: 2 hospitals, 2 updates, 1 round, tiny preset."""
+
+import json
+
+import pytest
+import torch
+
+from shared_model.cli import main
+from shared_model.config import get_preset
+from shared_model.exchange import state_numel, get_exchanged_state
+from shared_model.model import build_model
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_round_prints_costs_as_json(one_thread, capsys):
+    argv = ["bench", "round", "--hospitals", "2", "--updates", "2", "3", "--rounds", "1", "--agg-preset", "tiny",
+            "--local-steps", "1", "--repeats", "1", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"payload", "aggregation_seconds", "flower_overhead", "definitions"} <= set(result)
+
+    numel = state_numel(get_exchanged_state(build_model(get_preset("tiny"))))
+    payload = result["payload"]["per_client_per_round"]
+    assert result["payload"]["aggregation_preset_numel"] == numel
+    assert set(payload) == {"float32", "float16", "bfloat16"}
+    assert payload["bfloat16"]["up_bytes"] == 2 * numel
+    assert 4 * numel < payload["float32"]["up_bytes"] < 4 * numel + 256 * 200
+    assert payload["float16"]["up_bytes"] == payload["float32"]["up_bytes"] - 2 * numel  # same .npy headers
+    for row in payload.values():
+        assert row["down_bytes_per_round"] == 2 * row["down_bytes"]
+
+    for by_k in result["aggregation_seconds"]["by_wire_dtype"].values():
+        assert set(by_k) == {"2", "3"} and all(v["seconds"] > 0 for v in by_k.values())
+
+    (rnd,) = result["flower_overhead"]["per_round"]
+    assert rnd["accepted"] == 2
+    apps = rnd["client_app_seconds"]
+    assert set(apps) == {"train", "evaluate", "total"}
+    assert apps["total"] == pytest.approx(apps["train"] + apps["evaluate"])
+    assert 0 < rnd["client_train_seconds"] < apps["train"]
+    assert rnd["round_seconds"] > apps["total"] + rnd["server_eval_seconds"]
+    assert rnd["flower_overhead_seconds"] == pytest.approx(
+        rnd["round_seconds"] - apps["total"] - rnd["server_eval_seconds"])
+    assert rnd["flower_overhead_share"] == pytest.approx(rnd["flower_overhead_seconds"] / apps["total"])
+    # The server's own metrics row agrees with the payload measured on wire records (float32, tiny).
+    f32 = result["payload"]["simulated_preset_per_client_per_round"]["float32"]
+    assert rnd["measured_bytes_up"] == 2 * f32["up_bytes"]
+    assert rnd["measured_bytes_down"] == 2 * f32["down_bytes_per_round"]
+
+
+def test_bench_round_rejects_bad_sizes(capsys):
+    assert main(["bench", "round", "--hospitals", "0", "--agg-preset", "tiny"]) == 2
+    assert "--hospitals" in capsys.readouterr().err

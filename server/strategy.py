@@ -104,6 +104,8 @@ class GuardedStrategy(Strategy):
         wire_dtype: dtype of the global state sent to clients.
         max_update_norm: Bound on the L2 norm of a client's delta (0 = none).
         server_lr: Step on the aggregated delta (ignored for FedAdam, which uses its ``eta``).
+        train_metric_keys: The train replies' metric keys (``client.task.train_metric_keys``:
+            with ``epsilon`` under local DP).
 
     Attributes:
         train_records / eval_records: Per-reply dicts of the last round (node id, partition id,
@@ -119,8 +121,10 @@ class GuardedStrategy(Strategy):
         wire_dtype: str = "float32",
         max_update_norm: float = 0.0,
         server_lr: float = 1.0,
+        train_metric_keys: tuple[str, ...] = TRAIN_METRIC_KEYS,
     ) -> None:
         self.inner = inner
+        self.train_metric_keys = tuple(train_metric_keys)
         self.shapes = OrderedDict((k, tuple(v)) for k, v in shapes.items())
         self.wire_dtype = wire_dtype
         self.max_update_norm = max_update_norm if max_update_norm > 0 else None
@@ -174,7 +178,7 @@ class GuardedStrategy(Strategy):
         content = msg.content
         if len(content.array_records) != 1:
             raise ReplyError(f"expected one ArrayRecord, got {len(content.array_records)}")
-        metrics = _single_metrics(content, TRAIN_METRIC_KEYS)
+        metrics = _single_metrics(content, self.train_metric_keys)
         record = next(iter(content.array_records.values()))
         delta = record_to_state(record)
         check_state(delta, self.shapes, self.max_update_norm)
@@ -210,6 +214,13 @@ class GuardedStrategy(Strategy):
             accepted.append(((float(metrics["partition-id"]), node), msg))
         if not accepted:
             log.warning("round %d: no valid reply; the global state is unchanged", server_round)
+            return None, None
+        # A node that died mid-round answers with an error (or not at all): below min-nodes the round fails.
+        min_replies = int(getattr(self.inner, "min_train_nodes", 1))
+        if len(accepted) < min_replies:
+            log.warning("round %d failed: %d valid train repl%s, fewer than min-nodes=%d; the global state is "
+                        "unchanged and the next round goes on", server_round, len(accepted),
+                        "y" if len(accepted) == 1 else "ies", min_replies)
             return None, None
         accepted.sort(key=lambda item: item[0])
         agg_arrays, agg_metrics = self.inner.aggregate_train(server_round, [m for _, m in accepted])
@@ -262,10 +273,14 @@ class GuardedStrategy(Strategy):
     # -- checkpointing -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Server-optimiser state of the inner strategy (FedAdam's moments) as CPU tensors."""
+        """Server-optimiser state of the inner strategy (FedAdam's moments) as CPU tensors, and the
+        central-DP accountant's history under ``"privacy"`` (see :mod:`server.privacy`)."""
+        state: dict[str, Any] = {}
+        if hasattr(self.inner, "privacy_state_dict"):
+            state["privacy"] = self.inner.privacy_state_dict()
         if not isinstance(self.inner, FedOpt):
-            return {}
-        return {
+            return state
+        return state | {
             name: None if getattr(self.inner, name) is None
             else {k: torch.from_numpy(np.array(v)) for k, v in getattr(self.inner, name).items()}
             for name in ("m_t", "v_t")
@@ -277,6 +292,12 @@ class GuardedStrategy(Strategy):
         Raises:
             ValueError: If the state does not belong to this strategy.
         """
+        state = dict(state)
+        privacy = state.pop("privacy", None)
+        if (privacy is not None) != hasattr(self.inner, "load_privacy_state_dict"):
+            raise ValueError("checkpoint and run disagree on central DP: resume with the same privacy-central-dp")
+        if privacy is not None:
+            self.inner.load_privacy_state_dict(privacy)
         if not isinstance(self.inner, FedOpt):
             if state:
                 raise ValueError(f"checkpoint holds server-optimiser state {sorted(state)} but the "

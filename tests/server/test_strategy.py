@@ -196,3 +196,22 @@ def test_no_valid_reply_keeps_the_global_state(records):
     replies = [_reply(msgs[11], _delta([float("nan"), 0], [0]), _metrics(1, 0))]
     assert guard.aggregate_train(1, replies) == (None, None)
     assert "no valid reply" in records.text
+
+
+def test_fewer_valid_replies_than_min_nodes_fail_the_round(records):
+    fed = FederationConfig(strategy="fedavg", min_nodes=2)
+    guard = GuardedStrategy(build_inner_strategy(fed), SHAPES)
+    msgs = {m.metadata.dst_node_id: m
+            for m in guard.configure_train(1, state_to_record(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))}
+    # Node 12 died mid-round: the SuperLink answers for it with an error reply.
+    replies = [_reply(msgs[11], _delta([1, 0], [2]), _metrics(1, 0)),
+               Message(Error(code=3, reason="Node Unavailable"), reply_to=msgs[12])]
+    assert guard.aggregate_train(1, replies) == (None, None)
+    assert "round 1 failed: 1 valid train reply, fewer than min-nodes=2" in records.text
+    assert [r["accepted"] for r in guard.train_records] == [True, False]
+    assert "Node Unavailable" in guard.train_records[1]["reason"]
+    # With both replies valid the same round aggregates.
+    guard.configure_train(1, state_to_record(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))
+    replies = [_reply(msgs[11], _delta([1, 0], [2]), _metrics(1, 0)),
+               _reply(msgs[12], _delta([1, 0], [2]), _metrics(1, 1))]
+    torch.testing.assert_close(record_to_state(guard.aggregate_train(1, replies)[0])["w"], torch.tensor([2.0, 1.0]))

@@ -1,0 +1,162 @@
+"""Load figure: how round time grows with the number of SuperNodes one SuperLink serves on loopback.
+
+For each N in ``--nodes``: a fresh SuperLink (TLS + SuperNode authentication), N registered SuperNodes
+(one process each, own key, own synthetic hospital folder), then ``flwr run`` of this project's app with
+the ``tiny`` preset for ``--rounds`` rounds with ``min-nodes = N``. Reported per N: time to bring the
+nodes online, the server's mean round time (its ``metrics.jsonl``), accepted replies, the end-to-end run
+time and the peak memory (PSS) of all processes together. Everything runs on 127.0.0.1 and is stopped
+afterwards. Not part of CI (minutes on 2 cores); run ``python -m deploy.load --nodes 2 8 16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .certs import generate_certs
+from .local import LocalFederation, descendants
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_run_config(run_dir: Path, nodes: int, rounds: int, local_steps: int) -> dict[str, Any]:
+    """Run config of a small deployment run of this project (tiny preset, no server-side data)."""
+    return {
+        "num-server-rounds": rounds,
+        "min-nodes": nodes,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 0.0,
+        "local-steps": local_steps,
+        "run-dir": str(run_dir),
+        "global-eval": "none",
+        "model-config": json.dumps({"preset": "tiny"}),
+        "train-config": json.dumps({"batch_size": 4, "progress": False}),
+        "data-config": json.dumps({"val_fraction": 0.25, "test_fraction": 0.0}),
+    }
+
+
+class MemoryProbe:
+    """Samples the summed proportional set size (PSS: shared pages split among their users) of a set of
+    process trees every ``interval`` seconds; falls back to RSS where ``smaps_rollup`` is missing."""
+
+    def __init__(self, roots: list[int], interval: float = 1.0) -> None:
+        self.roots, self.interval, self.peak_mib = roots, interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pids = {p for r in self.roots for p in (r, *descendants(r))}
+            total = 0
+            for pid in pids:
+                total += _memory_kib(pid)
+            self.peak_mib = max(self.peak_mib, total / 1024)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "MemoryProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _memory_kib(pid: int) -> int:
+    for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        try:
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1])
+        except OSError:
+            continue
+    return 0
+
+
+def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
+            timeout: float) -> dict[str, Any]:
+    """One load point: N SuperNodes, ``rounds`` rounds; returns the table row."""
+    from shared_model.data.synthetic import generate_dataset
+
+    names = [f"site-{i:02d}" for i in range(n)]
+    certs = generate_certs(workdir / "certs", ["IP:127.0.0.1", "DNS:localhost"], names)
+    data = generate_dataset(workdir / "data", names, per_centre=per_site, image_size=64, seed=n)
+    row: dict[str, Any] = {"nodes": n}
+    # One torch thread per process: every ClientApp, the ServerApp and the SuperLink share the cores.
+    with LocalFederation(workdir / "fed", certs, env_extra={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}) as fed:
+        fed.start_superlink()
+        for name in names:
+            fed.register(certs.hospitals[name][1])
+        t0 = time.perf_counter()
+        procs = [fed.start_supernode(name, {"data-path": str(data / name), "partition-id": i})
+                 for i, name in enumerate(names)]
+        for proc in procs:
+            fed.wait_online(proc, timeout=120 + 10 * n)
+        row["online_s"] = time.perf_counter() - t0
+        run_dir = workdir / "run"
+        roots = [fed.superlink.popen.pid, *(p.popen.pid for p in procs)]
+        t0 = time.perf_counter()
+        with MemoryProbe(roots) as probe:
+            res = fed.run(REPO, project_run_config(run_dir, n, rounds, local_steps), timeout=timeout)
+        row["run_s"] = time.perf_counter() - t0
+        row["peak_mem_gib"] = probe.peak_mib / 1024
+        row["ok"] = res.ok
+        rounds_rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+                       if l.strip()] if (run_dir / "metrics.jsonl").exists() else []
+        rounds_rows = [r for r in rounds_rows if r.get("kind") == "round"]
+        row["rounds_done"] = len(rounds_rows)
+        row["round_s"] = statistics.mean(r["seconds"] for r in rounds_rows) if rounds_rows else float("nan")
+        row["round_s_max"] = max((r["seconds"] for r in rounds_rows), default=float("nan"))
+        row["accepted"] = min((r["accepted"] for r in rounds_rows), default=0)
+        if not row["ok"]:
+            row["error"] = f"{res.status}: {res.details}\n{res.output[-2000:]}"
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`measure` rows."""
+    head = ("| SuperNodes | online after (s) | mean round (s) | slowest round (s) | replies accepted / round "
+            "| run total (s) | peak memory, all processes (PSS, GiB) | finished |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['nodes']} | {r['online_s']:.1f} | {r['round_s']:.1f} | {r['round_s_max']:.1f} "
+                     f"| {r['accepted']}/{r['nodes']} | {r['run_s']:.1f} | {r['peak_mem_gib']:.2f} "
+                     f"| {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.load", description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 8, 16])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--per-site", type=int, default=8, help="synthetic image/mask pairs per hospital")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
+    parser.add_argument("--workdir", help="keep logs here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="promptsam-load-") as tmp:
+        base = Path(args.workdir or tmp)
+        for n in args.nodes:
+            print(f"measuring {n} SuperNodes ...", file=sys.stderr, flush=True)
+            row = measure(n, base / f"n{n}", args.rounds, args.local_steps, args.per_site, args.timeout)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "error"}), file=sys.stderr, flush=True)
+            if "error" in row:
+                print(row["error"], file=sys.stderr)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,16 +5,28 @@ Train message in: ``arrays`` (global exchanged state, wire dtype) and ``config``
 dtype) and ``metrics`` (:data:`client.task.TRAIN_METRIC_KEYS`). Evaluate reply: ``metrics`` only
 (:data:`client.task.EVAL_METRIC_KEYS`). The AdamW state, when ``keep-optimizer-state`` is on,
 persists between rounds in ``context.state`` (never in globals, never sent).
+
+Privacy: under local DP (``privacy-local-dp``) the hospital trains with DP-SGD and keeps its
+accountant history in ``context.state`` (a ConfigRecord of plain lists), so epsilon accumulates
+over every round it takes part in; when the next round would exceed its budget it declines with
+an error reply (code :data:`BUDGET_EXHAUSTED`) whose reason says so, every round from then on.
+SecAgg+ rounds (``privacy-secagg``) arrive as train messages carrying the protocol's config record
+and are handed to Flower's legacy SecAgg+ client (:mod:`client.secagg`).
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import logging
+from typing import TYPE_CHECKING
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.task import (
+    TrainOutcome,
     client_seed,
     evaluate_round,
+    hospital_privacy,
     load_local_data,
     pack_optimizer_state,
     parse_node_config,
@@ -24,9 +36,17 @@ from client.task import (
 from client.wire import record_to_state, state_to_record
 from shared_model.config import from_run_config
 
+if TYPE_CHECKING:
+    from collections import OrderedDict
+
+    import torch
+
 app = ClientApp()
+log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
 
 _OPTIMIZER_KEY = "optimizer"
+_PRIVACY_KEY = "privacy-accountant"
+BUDGET_EXHAUSTED = 100  # error code of a reply declining because of the hospital's DP budget
 
 
 def _setup(msg: Message, context: Context):
@@ -42,26 +62,80 @@ def _setup(msg: Message, context: Context):
     return settings, node, server_round, data, model, global_state
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Local training round; replies with the delta and the training metrics."""
-    settings, node, server_round, data, model, global_state = _setup(msg, context)
+def _load_privacy_state(context: Context) -> tuple[dict | None, str]:
+    """(accountant history or None, the decline reason if the budget ran out earlier, else "")."""
+    if _PRIVACY_KEY not in context.state:
+        return None, ""
+    record = context.state[_PRIVACY_KEY]
+    history = {k: record[k] if k == "mechanism" else list(record[k])
+               for k in ("mechanism", "noise_multiplier", "sample_rate", "steps")}
+    return history, str(record.get("exhausted", ""))
+
+
+def _store_privacy_state(context: Context, history: dict, exhausted: str = "") -> None:
+    context.state[_PRIVACY_KEY] = ConfigRecord({**history, "exhausted": exhausted})
+
+
+def local_update(
+    context: Context, server_round: int, global_state: "OrderedDict[str, torch.Tensor]", proximal_mu: float
+) -> TrainOutcome:
+    """One hospital round: data, model, training (DP-SGD under local DP), state kept in ``context``.
+
+    Used by the ordinary train handler and by the SecAgg+ client.
+
+    Raises:
+        PrivacyBudgetExceeded: The round would exceed the hospital's epsilon (now or earlier).
+    """
+    from shared_model.model import build_model
+    from shared_model.privacy import PrivacyBudgetExceeded
+
+    settings = from_run_config(dict(context.run_config))
+    node = parse_node_config(dict(context.node_config))
+    privacy = hospital_privacy(settings, node)
+    history, exhausted = _load_privacy_state(context)
+    if privacy.local_dp and exhausted:
+        raise PrivacyBudgetExceeded(exhausted)
+    seed = client_seed(settings.federation.seed, server_round, node.partition_id)
+    data = load_local_data(settings, node, seed)
+    model = build_model(settings.model)
     keep = settings.federation.keep_optimizer_state
     optimizer_state = None
     if keep and _OPTIMIZER_KEY in context.state:
         optimizer_state = unpack_optimizer_state(context.state[_OPTIMIZER_KEY]["state"])
-    outcome = train_round(
-        model,
-        global_state,
-        data,
-        settings,
-        server_round,
-        node.partition_id,
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        optimizer_state=optimizer_state,
-    )
+    try:
+        outcome = train_round(model, global_state, data, settings, server_round, node.partition_id,
+                              proximal_mu=proximal_mu, optimizer_state=optimizer_state,
+                              privacy=privacy, privacy_state=history)
+    except PrivacyBudgetExceeded as err:
+        from shared_model.privacy import new_accountant_state
+
+        _store_privacy_state(context, history or new_accountant_state(privacy.accountant), str(err))
+        raise
     if keep and outcome.optimizer_state is not None:
         context.state[_OPTIMIZER_KEY] = ConfigRecord({"state": pack_optimizer_state(outcome.optimizer_state)})
+    if outcome.privacy_state is not None:
+        _store_privacy_state(context, outcome.privacy_state)
+    return outcome
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training round; replies with the delta and the training metrics (or declines)."""
+    from client.secagg import is_secagg_message
+    from shared_model.privacy import PrivacyBudgetExceeded
+
+    if is_secagg_message(msg):
+        from client.secagg import app as secagg_app
+
+        return secagg_app(msg, context)
+    settings = from_run_config(dict(context.run_config))
+    config = msg.content["config"]
+    try:
+        outcome = local_update(context, int(config.get("server-round", 0)), record_to_state(msg.content["arrays"]),
+                               float(config.get("proximal-mu", 0.0)))
+    except PrivacyBudgetExceeded as err:
+        log.warning("declining round %s: %s", config.get("server-round", "?"), err)
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=f"declined: {err}"), reply_to=msg)
     content = RecordDict(
         {
             "arrays": state_to_record(outcome.delta, settings.federation.wire_dtype),

@@ -20,12 +20,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shared_model.config import ConfigError, RunSettings
+from shared_model.config import ConfigError, PrivacyConfig, RunSettings, check_privacy
 from shared_model.exchange import get_exchanged_state, set_exchanged_state, state_delta
 
 # The metric keys of every reply: the server drops replies with any other key set.
 TRAIN_METRIC_KEYS = ("num-examples", "partition-id", "train-loss", "train-steps", "train-seconds", "val-dice")
 EVAL_METRIC_KEYS = ("num-examples", "partition-id", "dice", "iou", "hd95", "precision", "recall")
+# Added to the train metrics under local DP: the hospital's cumulative epsilon at its delta.
+LOCAL_DP_METRIC_KEYS = ("epsilon",)
+
+
+def train_metric_keys(settings: RunSettings) -> tuple[str, ...]:
+    """The train-reply metric keys of a run (with ``epsilon`` under local DP)."""
+    return TRAIN_METRIC_KEYS + (LOCAL_DP_METRIC_KEYS if settings.privacy.local_dp else ())
 
 
 @dataclass
@@ -34,7 +41,8 @@ class NodeSettings:
 
     Deployment: ``data-path`` is either one hospital's folder (``images/`` and ``masks/``) or a
     root of centre folders; ``val-fraction`` / ``test-fraction`` / ``split-seed`` override the
-    run's split; ``partition-id`` (optional) labels the site in the server's metrics.
+    run's split; ``partition-id`` (optional) labels the site in the server's metrics;
+    ``privacy-epsilon`` / ``privacy-delta`` set this hospital's own local-DP budget.
     Simulation: Flower sets ``partition-id`` and ``num-partitions``.
     """
 
@@ -44,6 +52,8 @@ class NodeSettings:
     val_fraction: float | None = None
     test_fraction: float | None = None
     split_seed: int | None = None
+    privacy_epsilon: float | None = None
+    privacy_delta: float | None = None
 
 
 _NODE_KEYS: dict[str, type] = {
@@ -53,6 +63,8 @@ _NODE_KEYS: dict[str, type] = {
     "val-fraction": float,
     "test-fraction": float,
     "split-seed": int,
+    "privacy-epsilon": float,
+    "privacy-delta": float,
 }
 
 
@@ -140,6 +152,22 @@ class TrainOutcome:
     delta: "OrderedDict[str, torch.Tensor]"
     metrics: dict[str, int | float]
     optimizer_state: dict | None
+    privacy_state: dict | None = None  # local-DP accountant history (see shared_model.privacy)
+
+
+def hospital_privacy(settings: RunSettings, node: NodeSettings) -> PrivacyConfig:
+    """The run's privacy settings with this hospital's own budget (node config) and, unless set,
+    ``planned-steps`` = rounds x local steps: the noise is calibrated so that the hospital spends
+    its epsilon exactly when it has taken part in every round."""
+    fed, dp = settings.federation, settings.privacy
+    dp = dataclasses.replace(
+        dp,
+        epsilon=dp.epsilon if node.privacy_epsilon is None else node.privacy_epsilon,
+        delta=dp.delta if node.privacy_delta is None else node.privacy_delta,
+        planned_steps=dp.planned_steps or fed.num_server_rounds * fed.local_steps,
+    )
+    check_privacy(dp, "privacy-")
+    return dp
 
 
 def _finite(value: float) -> float:
@@ -155,6 +183,8 @@ def train_round(
     partition_id: int,
     proximal_mu: float = 0.0,
     optimizer_state: dict | None = None,
+    privacy: PrivacyConfig | None = None,
+    privacy_state: dict | None = None,
 ) -> TrainOutcome:
     """Load the global state, train ``local-steps`` steps, validate locally, return the delta.
 
@@ -167,6 +197,13 @@ def train_round(
         partition_id: The hospital's id, part of the training seed.
         proximal_mu: FedProx's mu from the server (0 = plain local training).
         optimizer_state: AdamW state carried over from the previous round, or None.
+        privacy: The hospital's privacy settings (:func:`hospital_privacy`); with ``local_dp``
+            the round trains with DP-SGD and the metrics gain ``epsilon``.
+        privacy_state: The local-DP accountant history of earlier rounds, or None.
+
+    Raises:
+        shared_model.privacy.PrivacyBudgetExceeded: If this round would take the hospital past
+            its epsilon budget (nothing is trained).
     """
     from shared_model.evaluate import evaluate_model
     from shared_model.train import train_model
@@ -177,21 +214,35 @@ def train_round(
     set_exchanged_state(model, global_state)
     cfg = dataclasses.replace(settings.train, seed=seed, proximal_mu=proximal_mu, progress=False)
     reference = OrderedDict((k, v.float()) for k, v in global_state.items()) if proximal_mu > 0 else None
-    result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
-                         proximal_reference=reference, optimizer_state=optimizer_state)
+    local_dp = privacy is not None and privacy.local_dp
+    epsilon = None
+    if local_dp:
+        from shared_model.privacy import train_model_dp
+
+        result, privacy_state, epsilon = train_model_dp(
+            model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
+            proximal_reference=reference, optimizer_state=optimizer_state)
+    else:
+        result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
+                             proximal_reference=reference, optimizer_state=optimizer_state)
     delta = state_delta(get_exchanged_state(model), global_state)
+    # Under local DP the loss and the local Dice are statistics of the private data that the DP
+    # guarantee does not cover: not released unless privacy-release-metrics is set.
+    release = not local_dp or privacy.release_metrics
     val_dice = float("nan")
-    if data.val is not None:
+    if data.val is not None and release:
         val_dice = evaluate_model(model, data.val, device=fed.device, batch_size=fed.eval_batch_size).aggregate["dice"]
     metrics = {
         "num-examples": len(data.train),
         "partition-id": partition_id,
-        "train-loss": _finite(result.loss),
+        "train-loss": _finite(result.loss) if release else float("nan"),
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "val-dice": _finite(val_dice),
     }
-    return TrainOutcome(delta, metrics, result.optimizer_state)
+    if local_dp:
+        metrics["epsilon"] = float(epsilon)
+    return TrainOutcome(delta, metrics, result.optimizer_state, privacy_state)
 
 
 def evaluate_round(

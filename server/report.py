@@ -143,6 +143,20 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _privacy_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Epsilon by round (server-side central DP; largest cumulative hospital epsilon under local DP)."""
+    rounds = sorted((r for r in rows if r["kind"] == "round"), key=lambda r: r["round"])
+    if not any(r.get("epsilon-central") is not None or r.get("epsilon-local-max") is not None for r in rounds):
+        return []
+    lines = ["", "Privacy: cumulative epsilon after each round (server-side central DP at privacy-central-delta; "
+             "largest hospital's local DP at its delta); declined = hospitals out of budget.", "",
+             "| round | epsilon (central) | epsilon (local, max) | declined |", "|---|---|---|---|"]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {_fmt(r.get('epsilon-central'), 3)} | {_fmt(r.get('epsilon-local-max'), 3)} "
+                     f"| {r.get('declined', 0)} |")
+    return lines
+
+
 def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: int,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write ``summary.json``, the plots and ``report.md`` into ``run_dir``; return the report's path."""
@@ -169,6 +183,7 @@ def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: in
         per = [_fmt(summary["hospital_dice"][h].get(k)) for h in summary["hospital_dice"]]
         lines.append(f"| {k} | {_fmt(g['dice'][k])} | {_fmt(g['iou'][k])} | {_fmt(g['hd95'][k], 2)} | "
                      + " | ".join(per) + " |")
+    lines += _privacy_table(rows)
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     path = run_dir / REPORT_NAME
     path.write_text("\n".join(lines))

@@ -541,6 +541,7 @@ class RunSettings:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig
+    privacy: "PrivacyConfig" = field(default_factory=lambda: PrivacyConfig())
 
 
 _RUN_JSON_KEYS = ("model-config", "train-config", "data-config")
@@ -556,11 +557,12 @@ def to_run_config(
     model: dict[str, Any],
     train: TrainConfig,
     data: DataConfig,
+    privacy: "PrivacyConfig | None" = None,
 ) -> dict[str, bool | int | float | str]:
     """Map typed settings onto Flower's flat run config (kebab-case keys, scalar values).
 
     Federation fields keep their names (``num-server-rounds``, ``wire-dtype``); partition fields
-    get a ``partition-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
+    get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
     configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``.
     """
     import json
@@ -570,6 +572,8 @@ def to_run_config(
         out[_kebab(f.name)] = getattr(federation, f.name)
     for f in dataclasses.fields(partition):
         out["partition-" + _kebab(f.name)] = getattr(partition, f.name)
+    for f in dataclasses.fields(privacy) if privacy is not None else ():
+        out["privacy-" + _kebab(f.name)] = getattr(privacy, f.name)
     out["model-config"] = json.dumps(model, sort_keys=True)
     out["train-config"] = json.dumps(to_dict(train), sort_keys=True)
     out["data-config"] = json.dumps(to_dict(data), sort_keys=True)
@@ -599,6 +603,7 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
 
     fed_keys = {_kebab(f.name) for f in dataclasses.fields(FederationConfig)}
     part_keys = {"partition-" + _kebab(f.name) for f in dataclasses.fields(PartitionConfig)}
+    part_keys |= {"privacy-" + _kebab(f.name) for f in dataclasses.fields(PrivacyConfig)}
     unknown = sorted(set(run_config) - fed_keys - part_keys - set(_RUN_JSON_KEYS))
     if unknown:
         raise ConfigError(f"run config: unknown key(s) {unknown}")
@@ -621,8 +626,10 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
         model=model_config_from_dict(parsed["model-config"], "model-config"),
         train=from_dict(TrainConfig, parsed["train-config"], "train-config"),
         data=from_dict(DataConfig, parsed["data-config"], "data-config"),
+        privacy=_scalar_section(PrivacyConfig, run_config, "privacy-"),
     )
     check_federation(settings.federation, settings.partition)
+    check_privacy(settings.privacy, "privacy-")
     return settings
 
 
@@ -708,17 +715,25 @@ class PrivacyConfig:
     secagg_threshold: float = 0.67  # fraction of the shares needed to reconstruct a key (>= 2 shares)
     secagg_clipping_range: float = 1.0  # every delta value is clipped to +-this before quantisation
     secagg_quantization_range: int = 4194304  # 2**22 integer levels
-    secagg_max_weight: float = 100000.0  # must be >= every hospital's num-examples
+    # Weights (num-examples) are divided by this before quantisation: set it to the largest
+    # hospital's num-examples. Larger loses precision (the step of one averaged value is
+    # 2 clipping_range / quantization_range x max_weight / sum of num-examples); smaller overflows.
+    secagg_max_weight: float = 1000.0
+
+
+def _field(name: str, prefix: str) -> str:
+    """Field name as the source spells it: kebab-case in the run config (``privacy-``), else snake."""
+    return _kebab(name) if prefix.endswith("-") else name
 
 
 def check_privacy(cfg: PrivacyConfig, prefix: str = "privacy.") -> None:
-    """Check ranges and choices of a :class:`PrivacyConfig`, raising ConfigError naming the field."""
-    if cfg.accountant not in DP_ACCOUNTANTS:
-        raise ConfigError(f"{prefix}accountant: {cfg.accountant!r} not in {list(DP_ACCOUNTANTS)}")
-    if cfg.grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ConfigError(f"{prefix}grad_sample_mode: {cfg.grad_sample_mode!r} not in {list(GRAD_SAMPLE_MODES)}")
-    if cfg.central_dp not in CENTRAL_DP_MODES:
-        raise ConfigError(f"{prefix}central_dp: {cfg.central_dp!r} not in {list(CENTRAL_DP_MODES)}")
+    """Check ranges and choices of a :class:`PrivacyConfig`, raising ConfigError naming the field
+    (``privacy.max_grad_norm`` in YAML, ``privacy-max-grad-norm`` in the run config)."""
+    choices = [("accountant", DP_ACCOUNTANTS), ("grad_sample_mode", GRAD_SAMPLE_MODES),
+               ("central_dp", CENTRAL_DP_MODES)]
+    for name, valid in choices:
+        if getattr(cfg, name) not in valid:
+            raise ConfigError(f"{prefix}{_field(name, prefix)}: {getattr(cfg, name)!r} not in {list(valid)}")
     checks = [
         ("epsilon", cfg.epsilon > 0.0, "must be > 0"),
         ("delta", 0.0 < cfg.delta < 1.0, "must be in (0, 1)"),
@@ -741,7 +756,7 @@ def check_privacy(cfg: PrivacyConfig, prefix: str = "privacy.") -> None:
     ]
     for name, ok, why in checks:
         if not ok:
-            raise ConfigError(f"{prefix}{name}: {why}")
+            raise ConfigError(f"{prefix}{_field(name, prefix)}: {why}")
     if cfg.secagg and cfg.central_dp != "off":
         raise ConfigError(
             f"{prefix}secagg: central DP clips each hospital's delta on the server, which SecAgg+ hides; "

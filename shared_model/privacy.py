@@ -21,9 +21,9 @@ DHN-NCE compares each image with the others of the batch, so one image's gradien
 on other patients' data and clipping would no longer bound its influence; under DP the code
 refuses ``loss.nce != 0``. Every other loss term and the whole forward pass are per image.
 
-Accounting is cumulative: an Opacus RDP (or PRV) accountant whose history, a list of
-``(noise_multiplier, sample_rate, steps)`` entries, is kept between calls as plain lists
-(:func:`accountant_to_state`), so a Flower client can keep it in ``context.state``.
+Accounting is cumulative (:mod:`shared_model.dp_accounting`, re-exported here): an Opacus RDP
+(or PRV) accountant whose history, a list of ``(noise_multiplier, sample_rate, steps)`` entries,
+is kept between calls as plain lists, so a Flower client can keep it in ``context.state``.
 """
 
 from __future__ import annotations
@@ -32,162 +32,31 @@ import math
 import secrets
 import statistics
 import time
-import warnings
-from functools import lru_cache
-from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from .config import ConfigError, PrivacyConfig, TrainConfig, check_privacy, get_preset
+from .dp_accounting import (  # noqa: F401 - re-exported: the accounting API lives here too
+    AccountantState,
+    PrivacyBudgetExceeded,
+    PrivacyError,
+    accountant_from_state,
+    accountant_to_state,
+    calibrate_noise,
+    epsilon_after,
+    new_accountant_state,
+    sample_rate_for,
+    spent_epsilon,
+    would_exceed_budget,
+)
 from .model import PromptSAM, PromptSAMOutput, build_model
 from .train import TrainResult, autocast_for, resolve_device, warmup_cosine
-
-AccountantState = dict[str, Any]
-STATE_KEYS = ("mechanism", "noise_multiplier", "sample_rate", "steps")
-
-
-class PrivacyError(ValueError):
-    """The model, data or accountant state cannot be used for DP training (the message says why)."""
-
-
-class PrivacyBudgetExceeded(PrivacyError):
-    """Training would push the hospital's cumulative epsilon past its budget."""
-
-
-# --------------------------------------------------------------------------------------------
-# Accounting
-# --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _quiet_orders() -> Iterator[None]:
-    """Silence Opacus' "optimal order is the smallest/largest alpha" warning: the bound stays valid
-    (only looser), and the noise search visits such extreme noise levels on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-        yield
-
-
-def new_accountant_state(mechanism: str = "rdp") -> AccountantState:
-    """An empty history: ``{"mechanism": m, "noise_multiplier": [], "sample_rate": [], "steps": []}``."""
-    return {"mechanism": mechanism, "noise_multiplier": [], "sample_rate": [], "steps": []}
-
-
-def accountant_from_state(state: Mapping[str, Any] | None, mechanism: str = "rdp") -> IAccountant:
-    """Rebuild an Opacus accountant from plain data (None = a fresh ``mechanism`` accountant).
-
-    Raises:
-        PrivacyError: Missing keys, lists of different lengths, invalid entries, or a mechanism
-            different from ``mechanism`` (the key is named).
-    """
-    if state is None:
-        return create_accountant(mechanism)
-    missing = [k for k in STATE_KEYS if k not in state]
-    if missing:
-        raise PrivacyError(f"accountant state: missing key(s) {missing}; expected {list(STATE_KEYS)}")
-    if state["mechanism"] != mechanism:
-        raise PrivacyError(
-            f"accountant state: mechanism {state['mechanism']!r} differs from the configured {mechanism!r}"
-        )
-    sigmas, rates, steps = (list(state[k]) for k in STATE_KEYS[1:])
-    if not len(sigmas) == len(rates) == len(steps):
-        raise PrivacyError("accountant state: noise_multiplier, sample_rate and steps differ in length")
-    for i, (s, q, n) in enumerate(zip(sigmas, rates, steps)):
-        if not (float(s) >= 0 and 0 < float(q) <= 1 and int(n) >= 1 and int(n) == n):
-            raise PrivacyError(f"accountant state: invalid entry {i}: noise {s}, rate {q}, steps {n}")
-    accountant = create_accountant(mechanism)
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)]
-    return accountant
-
-
-def accountant_to_state(accountant: IAccountant) -> AccountantState:
-    """Opacus accountant -> plain lists (JSON / Flower ConfigRecord friendly)."""
-    return {
-        "mechanism": accountant.mechanism(),
-        "noise_multiplier": [float(s) for s, _, _ in accountant.history],
-        "sample_rate": [float(q) for _, q, _ in accountant.history],
-        "steps": [int(n) for _, _, n in accountant.history],
-    }
-
-
-def spent_epsilon(state: Mapping[str, Any] | None, delta: float, mechanism: str = "rdp") -> float:
-    """Cumulative epsilon at ``delta`` of a history (0 when empty)."""
-    accountant = accountant_from_state(state, mechanism)
-    return _epsilon(mechanism, tuple(accountant.history), float(delta))
-
-
-@lru_cache(maxsize=512)
-def _epsilon(mechanism: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """Cached: Opacus' RDP conversion at fractional orders takes about 0.3 s per history."""
-    if not history:
-        return 0.0
-    accountant = create_accountant(mechanism)
-    accountant.history = list(history)
-    with _quiet_orders():
-        return float(accountant.get_epsilon(delta=delta))
-
-
-def epsilon_after(
-    state: Mapping[str, Any] | None,
-    delta: float,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    mechanism: str = "rdp",
-) -> float:
-    """Cumulative epsilon if ``steps`` more DP-SGD steps with (``noise_multiplier``, ``sample_rate``) ran."""
-    history = list(accountant_from_state(state, mechanism).history)
-    entry = (float(noise_multiplier), float(sample_rate), int(steps))
-    if steps > 0 and history and history[-1][:2] == entry[:2]:  # merged as the accountant does
-        history[-1] = (*entry[:2], history[-1][2] + entry[2])
-    elif steps > 0:
-        history.append(entry)
-    return _epsilon(mechanism, tuple(history), float(delta))
-
-
-def would_exceed_budget(
-    state: Mapping[str, Any] | None, dp: PrivacyConfig, noise_multiplier: float, sample_rate: float, steps: int
-) -> bool:
-    """True when ``steps`` more steps would push the cumulative epsilon past ``dp.epsilon``."""
-    return epsilon_after(state, dp.delta, noise_multiplier, sample_rate, steps, dp.accountant) > dp.epsilon
-
-
-def calibrate_noise(dp: PrivacyConfig, sample_rate: float, total_steps: int) -> float:
-    """``dp.noise_multiplier`` if set, else the smallest sigma (Opacus' search, tolerance 0.01)
-    with which ``total_steps`` steps at ``sample_rate`` spend at most ``dp.epsilon`` at ``dp.delta``."""
-    if dp.noise_multiplier > 0:
-        return float(dp.noise_multiplier)
-    if total_steps < 1:
-        raise PrivacyError("privacy.planned_steps: at least one step is needed to calibrate the noise")
-    try:
-        return _calibrate(dp.epsilon, dp.delta, float(sample_rate), int(total_steps), dp.accountant)
-    except ValueError as err:
-        raise PrivacyError(f"privacy.epsilon: {dp.epsilon} cannot be met over {total_steps} steps: {err}") from None
-
-
-@lru_cache(maxsize=64)
-def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str) -> float:
-    with _quiet_orders():
-        return float(get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=mechanism
-        ))
-
-
-def sample_rate_for(batch_size: int, dataset_size: int) -> float:
-    """Poisson sampling rate ``q = batch_size / N`` (the expected batch is ``batch_size``)."""
-    if dataset_size < 1:
-        raise PrivacyError("DP training needs at least one training image")
-    if not 1 <= batch_size <= dataset_size:
-        raise PrivacyError(f"train.batch_size: {batch_size} must be in [1, number of images = {dataset_size}]")
-    return batch_size / dataset_size
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the dataclass field names (snake_case), parsed strictly: an unknown key or a wro
     data: {root: ../shared/data/polyp, centres: [kvasir_seg, cvc_clinicdb]}    # DataConfig
     synthetic: {centres: 3, per_centre: 40, image_size: 128}  # generate data into the run folder
     partition: {mode: centre, dirichlet_alpha: 0.5}                             # PartitionConfig
+    privacy: {local_dp: true, epsilon: 8.0}            # PrivacyConfig (local / central DP, SecAgg+)
     simulation: {num_supernodes: 3, client_cpus: 1, client_gpus: 0}
 
 The typed config maps onto Flower's flat run config with :func:`shared_model.config.to_run_config`;
@@ -32,8 +33,10 @@ from shared_model.config import (
     DataConfig,
     FederationConfig,
     PartitionConfig,
+    PrivacyConfig,
     TrainConfig,
     check_federation,
+    check_privacy,
     from_dict,
     load_yaml,
     model_config_from_dict,
@@ -41,7 +44,7 @@ from shared_model.config import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation")
+SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation", "privacy")
 
 
 @dataclass
@@ -77,12 +80,13 @@ class Experiment:
     synthetic: SyntheticConfig | None
     partition: PartitionConfig
     simulation: SimulationConfig
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
     def run_config(self) -> dict[str, bool | int | float | str]:
         """The Flower run config of this experiment."""
-        return to_run_config(self.federation, self.partition, self.model, self.train, self.data)
+        return to_run_config(self.federation, self.partition, self.model, self.train, self.data, self.privacy)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -133,6 +137,7 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
             data=from_dict(DataConfig, section("data"), "data"),
             synthetic=synthetic,
             partition=from_dict(PartitionConfig, section("partition"), "partition"),
+            privacy=from_dict(PrivacyConfig, section("privacy"), "privacy"),
             simulation=from_dict(SimulationConfig, section("simulation"), "simulation"),
             source=source,
             raw=data,
@@ -143,6 +148,7 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
             raise ConfigError("partition.hospitals: leave it unset; it is simulation.num_supernodes")
         exp.partition.hospitals = exp.simulation.num_supernodes
         check_federation(exp.federation, exp.partition)
+        check_privacy(exp.privacy, "privacy.")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     if not Path(exp.data.root).is_absolute():

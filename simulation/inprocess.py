@@ -15,10 +15,21 @@ from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 _ERROR_CODE = 99
+
+
+def wire_copy(msg: Message) -> Message:
+    """The message as the other side receives it: serialised with Flower's protobuf and parsed back.
+
+    Flower's own protocols rely on this: SecAgg+'s client mod edits the records it receives, so
+    handing every node the same object would corrupt the messages of the nodes after it.
+    """
+    return message_from_proto(ProtoMessage.FromString(message_to_proto(msg).SerializeToString()))
 
 
 class InProcessGrid(Grid):
@@ -77,11 +88,13 @@ class InProcessGrid(Grid):
         """Run the ClientApp for every message in turn and collect the replies."""
         replies = []
         for msg in messages:
+            msg = wire_copy(msg)  # as the transport delivers it: no object shared between nodes
             context = self.contexts[msg.metadata.dst_node_id]
             try:
                 reply = self.client_app(msg, context)
             except Exception as err:  # noqa: BLE001 - Flower turns client exceptions into error replies
                 reply = Message(Error(code=_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            reply = wire_copy(reply)
             replies.append(self.reply_hook(reply) if self.reply_hook else reply)
         return replies
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.config import ConfigError, PrivacyConfig, TrainConfig, get_preset
+from shared_model.config import ConfigError, PrivacyConfig, TrainConfig, get_preset, merge
 from shared_model.exchange import get_exchanged_state
 from shared_model.model import build_model
 from shared_model.privacy import (
@@ -47,17 +47,37 @@ def tiny_config(nce: float = 0.0):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def model():
-    """Tiny model with every trainable tensor moved off zero (LoRA B and the dense projection's
-    last layer start at zero, which would zero the gradients of the layers before them)."""
+# Every optional trainable module on: box prompts per component (several decoder rows per image),
+# CLIP patch features in the dense prompt, SAM's multimask heads, LoRA in the mask decoder, a fully
+# unfrozen CLIP block (LayerNorms, MLP, attention), learnable CRF kernel weights.
+ALL_OPTIONS = {
+    "boxes": {"mode": "components", "top_k": 2},
+    "prompts": {"use_patch_features": True},
+    "sam": {"multimask": True, "decoder_mode": "lora"},
+    "clip": {"vision": {"unfreeze_last_blocks": 1}},
+    "crf": {"learnable_weights": True},
+}
+
+
+def off_zero(m):
+    """LoRA B and the dense projection's last layer start at zero, which would zero the gradients
+    of the layers before them: move every trainable tensor off zero."""
     torch.manual_seed(0)
-    m = build_model(tiny_config())
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad and not p.abs().sum() > 0:
                 p.normal_(0, 0.02)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return off_zero(build_model(tiny_config()))
+
+
+@pytest.fixture(scope="module")
+def models(model):
+    return {"tiny": model, "tiny, every option": off_zero(build_model(merge(tiny_config(), ALL_OPTIONS)))}
 
 
 def examples(n: int, seed: int = 0) -> list[dict]:
@@ -83,8 +103,9 @@ def stack(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 
 @pytest.mark.parametrize("mode", ["microbatch", "batched"])
-def test_per_example_gradients_match_each_example_alone(model, mode):
-    model.eval()  # no dropout or bottleneck noise: both computations see the same function
+@pytest.mark.parametrize("variant", ["tiny", "tiny, every option"])
+def test_per_example_gradients_match_each_example_alone(models, variant, mode):
+    model = models[variant].eval()  # no dropout or bottleneck noise: both sides see one function
     images, masks, texts = stack(examples(3))
     grads, logs = per_example_gradients(model, images, masks, texts, mode)
 
@@ -99,10 +120,12 @@ def test_per_example_gradients_match_each_example_alone(model, mode):
         for name, p in trainable.items():
             expected = torch.zeros_like(p) if p.grad is None else p.grad
             assert grads[name].shape == (3, *p.shape)
-            torch.testing.assert_close(grads[name][i], expected, atol=2e-6, rtol=1e-4, msg=f"{mode} {name} #{i}")
+            # Batched and single-image kernels round differently: compare at the tensor's scale.
+            error = float((grads[name][i] - expected).abs().max())
+            assert error <= 1e-6 + 1e-3 * float(expected.abs().max()), f"{mode} {name} #{i}: {error}"
     model.zero_grad(set_to_none=True)
     # Every trainable tensor (LoRA of both towers and SAM, ctx, gates, prompt projections, SAM's
-    # prompt/decoder tokens) is reached, and the examples' gradients differ.
+    # prompt/decoder tokens, ...) is reached, and the examples' gradients differ.
     silent = [n for n, g in grads.items() if not g.abs().sum() > 0]
     assert silent == []
     assert not torch.allclose(grads["clip_text.ctx"][0], grads["clip_text.ctx"][1])

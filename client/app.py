@@ -30,8 +30,10 @@ from client.task import (
     load_local_data,
     pack_optimizer_state,
     parse_node_config,
+    read_ledger,
     train_round,
     unpack_optimizer_state,
+    write_ledger,
 )
 from client.wire import record_to_state, state_to_record
 from shared_model.config import from_run_config
@@ -62,18 +64,27 @@ def _setup(msg: Message, context: Context):
     return settings, node, server_round, data, model, global_state
 
 
-def _load_privacy_state(context: Context) -> tuple[dict | None, str]:
-    """(accountant history or None, the decline reason if the budget ran out earlier, else "")."""
+def _load_privacy_state(context: Context, ledger: str | None) -> tuple[dict | None, str, list[float]]:
+    """(accountant history or None, the decline reason if the budget ran out earlier, else "", and
+    the [epsilon, delta] budget it ran out at).
+
+    ``context.state`` first; after a SuperNode restart it is empty, and the ledger file (if the
+    node config names one) has the history.
+    """
     if _PRIVACY_KEY not in context.state:
-        return None, ""
+        return read_ledger(ledger) if ledger else (None, "", [])
     record = context.state[_PRIVACY_KEY]
     history = {k: record[k] if k == "mechanism" else list(record[k])
                for k in ("mechanism", "noise_multiplier", "sample_rate", "steps")}
-    return history, str(record.get("exhausted", ""))
+    return history, str(record["exhausted"]), list(record["exhausted-budget"])
 
 
-def _store_privacy_state(context: Context, history: dict, exhausted: str = "") -> None:
-    context.state[_PRIVACY_KEY] = ConfigRecord({**history, "exhausted": exhausted})
+def _store_privacy_state(context: Context, ledger: str | None, history: dict, exhausted: str = "",
+                         budget: list[float] | None = None) -> None:
+    budget = budget or []
+    context.state[_PRIVACY_KEY] = ConfigRecord({**history, "exhausted": exhausted, "exhausted-budget": budget})
+    if ledger:
+        write_ledger(ledger, history, exhausted, budget)
 
 
 def local_update(
@@ -92,9 +103,12 @@ def local_update(
     settings = from_run_config(dict(context.run_config))
     node = parse_node_config(dict(context.node_config))
     privacy = hospital_privacy(settings, node)
-    history, exhausted = _load_privacy_state(context)
-    if privacy.local_dp and exhausted:
-        raise PrivacyBudgetExceeded(exhausted)
+    history, exhausted, spent_at = _load_privacy_state(context, node.privacy_ledger)
+    if privacy.local_dp and node.data_path and not node.privacy_ledger:
+        log.warning("local DP without privacy-ledger in the node config: a restarted SuperNode would "
+                    "forget the epsilon this hospital has spent")
+    if privacy.local_dp and exhausted and spent_at == [privacy.epsilon, privacy.delta]:
+        raise PrivacyBudgetExceeded(exhausted)  # spent at this budget already: no need to load data
     seed = client_seed(settings.federation.seed, server_round, node.partition_id)
     data = load_local_data(settings, node, seed)
     model = build_model(settings.model)
@@ -109,12 +123,13 @@ def local_update(
     except PrivacyBudgetExceeded as err:
         from shared_model.privacy import new_accountant_state
 
-        _store_privacy_state(context, history or new_accountant_state(privacy.accountant), str(err))
+        _store_privacy_state(context, node.privacy_ledger, history or new_accountant_state(privacy.accountant),
+                             str(err), [privacy.epsilon, privacy.delta])
         raise
     if keep and outcome.optimizer_state is not None:
         context.state[_OPTIMIZER_KEY] = ConfigRecord({"state": pack_optimizer_state(outcome.optimizer_state)})
     if outcome.privacy_state is not None:
-        _store_privacy_state(context, outcome.privacy_state)
+        _store_privacy_state(context, node.privacy_ledger, outcome.privacy_state)
     return outcome
 
 

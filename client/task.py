@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,9 @@ class NodeSettings:
     Deployment: ``data-path`` is either one hospital's folder (``images/`` and ``masks/``) or a
     root of centre folders; ``val-fraction`` / ``test-fraction`` / ``split-seed`` override the
     run's split; ``partition-id`` (optional) labels the site in the server's metrics;
-    ``privacy-epsilon`` / ``privacy-delta`` set this hospital's own local-DP budget.
+    ``privacy-epsilon`` / ``privacy-delta`` set this hospital's own local-DP budget and
+    ``privacy-ledger`` a JSON file keeping its accountant history across SuperNode restarts (and
+    runs: every run on the same data spends from the same budget).
     Simulation: Flower sets ``partition-id`` and ``num-partitions``.
     """
 
@@ -54,6 +58,7 @@ class NodeSettings:
     split_seed: int | None = None
     privacy_epsilon: float | None = None
     privacy_delta: float | None = None
+    privacy_ledger: str | None = None
 
 
 _NODE_KEYS: dict[str, type] = {
@@ -65,6 +70,7 @@ _NODE_KEYS: dict[str, type] = {
     "split-seed": int,
     "privacy-epsilon": float,
     "privacy-delta": float,
+    "privacy-ledger": str,
 }
 
 
@@ -153,6 +159,33 @@ class TrainOutcome:
     metrics: dict[str, int | float]
     optimizer_state: dict | None
     privacy_state: dict | None = None  # local-DP accountant history (see shared_model.privacy)
+
+
+def read_ledger(path: str | Path) -> tuple[dict | None, str, list[float]]:
+    """A hospital's privacy ledger: (accountant history or None if the file is absent, the decline
+    reason or "", the [epsilon, delta] budget that ran out or []).
+
+    Raises:
+        ConfigError: If the file is not a ledger (the message names it).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None, "", []
+    try:
+        data = json.loads(path.read_text())
+        return data["history"], str(data["exhausted"]), [float(v) for v in data["exhausted-budget"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a privacy ledger ({err}); it must hold the hospital's accountant history") from None
+
+
+def write_ledger(path: str | Path, history: dict, exhausted: str = "", budget: list[float] | None = None) -> None:
+    """Write the ledger atomically (a crash leaves the previous version)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    record = {"history": history, "exhausted": exhausted, "exhausted-budget": list(budget or [])}
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def hospital_privacy(settings: RunSettings, node: NodeSettings) -> PrivacyConfig:

@@ -9,7 +9,8 @@ Flower's wrapper takes a ``PrivacyAccountant``; its own ``RdpAccountant`` needs 
 :class:`OpacusRdpAccountant` implements Flower's accountant protocol on Opacus' RDP accountant
 (the same arithmetic). Every round is a full-participation Gaussian release (no sampling
 amplification: Flower samples nodes with ``random.sample``, not Poisson), and the wrapper stops
-the run with ``PrivacyBudgetExhausted`` before a round would exceed ``privacy-central-epsilon``.
+the run with ``PrivacyBudgetExhausted`` before a round would exceed ``privacy-central-epsilon``
+(adaptive clipping: after aggregating, before releasing, as its cost depends on the bound update).
 
 ``"adaptive"`` wraps in ``DifferentialPrivacyServerSideAdaptiveClipping`` (Andrew et al. 2019):
 the bound follows a target quantile of the deltas' norms, learned from a noisy count of clipped
@@ -30,6 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -195,21 +197,20 @@ class CentralDPAdaptive(_Delegating, DifferentialPrivacyServerSideAdaptiveClippi
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Any, MetricRecord | None]:
         replies = _prepare(replies, self.current_arrays, self.strategy.weighted_by_key)
-        if self.accountant.config.max_epsilon is not None:
-            projected = OpacusRdpAccountant(self.accountant.config)
-            projected.load_state_dict(self.accountant.state_dict())
-            self._compose(projected, self.clipping_norm, self.clipping_norm)
-            if projected.get_epsilon(projected.config.target_delta) > projected.config.max_epsilon:
-                from flwr.serverapp.exception import PrivacyBudgetExhausted
-
-                raise PrivacyBudgetExhausted(
-                    f"central DP: the next release would exceed privacy-central-epsilon "
-                    f"{projected.config.max_epsilon}"
-                )
         before = self.clipping_norm
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            self._compose(self.accountant, before, self.clipping_norm)
+        if arrays is None:
+            return arrays, metrics
+        # The round's cost depends on the bound update, known only now: check before releasing.
+        limit = self.accountant.config.max_epsilon
+        if limit is not None:
+            projected = OpacusRdpAccountant(self.accountant.config)
+            projected.load_state_dict(self.accountant.state_dict())
+            self._compose(projected, before, self.clipping_norm)
+            if projected.get_epsilon(projected.config.target_delta) > limit:
+                self.clipping_norm = before  # nothing of this round is released
+                raise PrivacyBudgetExhausted(f"central DP: this round would exceed privacy-central-epsilon {limit}")
+        self._compose(self.accountant, before, self.clipping_norm)
         return arrays, metrics
 
     def _compose(self, accountant: OpacusRdpAccountant, clip_before: float, clip_after: float) -> None:

@@ -28,7 +28,7 @@ from .config import (
     to_dict,
 )
 
-PLUGINS = ("simulation.cli", "deploy.cli")
+PLUGINS = ("simulation.cli", "deploy.cli", "server.cli")
 # Other packages may add `promptsam bench ...` subcommands through this list (see build_parser).
 BENCH_SUBPARSERS: list = []
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -199,6 +199,15 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dp(args: argparse.Namespace) -> int:
+    from .privacy import bench_dp_step, format_bench
+
+    result = bench_dp_step(args.preset, batch_size=args.batch, steps=args.steps, device=args.device)
+    print(format_bench(result), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptsam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -260,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
     common(b)
     b.set_defaults(func=cmd_bench_step)
+    b = bench.add_parser("dp", help="DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
+    common(b)
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--steps", type=int, default=5)
+    b.set_defaults(func=cmd_bench_dp)
     BENCH_SUBPARSERS.append(bench)
 
     for name in PLUGINS:

@@ -5,7 +5,7 @@
 (:class:`simulation.inprocess.InProcessGrid`: Flower's messages serialised as on the wire, no
 transport), then writes ``results.json`` and prints a Markdown table: final and best global Dice
 (pooled validation split), Dice of the best round on the pooled test split, the epsilons spent,
-round time and bytes per round.
+round time and bytes per round. ``--secagg-cost`` measures what SecAgg+ adds per round instead.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -74,6 +75,75 @@ def run_settings(out: Path, names: list[str] | None = None, config: Path = CONFI
     return results
 
 
+def secagg_cost(config: Path = CONFIG, rounds: int = 2, local_steps: int = 2, repeats: int = 2,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Time and bytes per round with and without SecAgg+, runs interleaved in this process.
+
+    Every message is counted serialised (Flower's protobuf) by a proxy around the grid, in both
+    settings, so the bytes compare like for like; round 1 is dropped (data loading, warm-up).
+
+    Returns:
+        ``{"plain": {...}, "secagg": {...}}`` with the median ``seconds`` per round, ``bytes_up``
+        and ``bytes_down`` per round (all hospitals), and ``hospitals``.
+    """
+    from client.app import app as client_app
+    from server.loop import FederatedServer
+    from server.secagg import CountingGrid
+    from shared_model.config import from_run_config
+    from simulation.cli import prepare_run
+    from simulation.inprocess import InProcessGrid
+
+    samples: dict[str, list[dict[str, float]]] = {"plain": [], "secagg": []}
+    for repeat in range(repeats):
+        for mode in ("plain", "secagg"):
+            with tempfile.TemporaryDirectory() as tmp:
+                exp, run_dir = prepare_run(config, {**dict(overrides or {}), "federation.num_server_rounds": rounds,
+                                                    "federation.local_steps": local_steps,
+                                                    "privacy.secagg": mode == "secagg"}, tmp)
+                run_config = exp.run_config()
+                grid = _RoundCounter(InProcessGrid(client_app, run_config, exp.simulation.num_supernodes))
+                server = FederatedServer(from_run_config(run_config), run_config)
+                run_round = server.run_round
+
+                def counted(grid_: Any, rnd: int, state: Any, run_round=run_round, grid=grid) -> Any:
+                    grid.round = rnd
+                    return run_round(grid_, rnd, state)
+
+                server.run_round = counted
+                server.run(grid)
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                for row in (r for r in rows if r["kind"] == "round" and r["round"] > 1):
+                    samples[mode].append({"seconds": row["seconds"], **grid.per_round[row["round"]]})
+    out: dict[str, Any] = {}
+    for mode, values in samples.items():
+        out[mode] = {key: statistics.median(v[key] for v in values) for key in ("seconds", "bytes_up", "bytes_down")}
+    out["overhead_seconds"] = out["secagg"]["seconds"] - out["plain"]["seconds"]
+    out["bytes_up_ratio"] = out["secagg"]["bytes_up"] / out["plain"]["bytes_up"]
+    return out
+
+
+class _RoundCounter:
+    """Grid proxy: serialised bytes per round (``round`` is set by the caller before each round)."""
+
+    def __init__(self, grid: Any) -> None:
+        from server.secagg import message_bytes
+
+        self._grid, self._size = grid, message_bytes
+        self.per_round: dict[int, dict[str, int]] = {}
+        self.round = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list:
+        messages = list(messages)
+        counts = self.per_round.setdefault(self.round, {"bytes_up": 0, "bytes_down": 0})
+        counts["bytes_down"] += sum(self._size(m) for m in messages)
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        counts["bytes_up"] += sum(self._size(r) for r in replies)
+        return replies
+
+
 def table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table of :func:`run_settings` results."""
     def f(v: Any, d: int = 3) -> str:
@@ -97,8 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=None, help="run only this setting (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every setting, e.g. federation.num_server_rounds=2")
+    parser.add_argument("--secagg-cost", action="store_true",
+                        help="instead: time and bytes per round with and without SecAgg+ (interleaved runs)")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
+    if args.secagg_cost:
+        print(json.dumps(secagg_cost(Path(args.config), overrides=overrides), indent=2))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_settings(out, args.only, Path(args.config), overrides)

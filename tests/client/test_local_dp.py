@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client.app import BUDGET_EXHAUSTED, app as client_app
-from client.task import hospital_privacy, parse_node_config
+from client.task import hospital_privacy, parse_node_config, read_ledger
 from server.loop import FederatedServer
 from shared_model.config import ConfigError, from_run_config
 from shared_model.privacy import epsilon_after
@@ -42,7 +42,9 @@ def test_epsilon_accumulates_across_rounds_and_a_spent_hospital_declines(tmp_pat
         "privacy": {"local_dp": True, "epsilon": budget, "delta": delta, "planned_steps": 2},
     }, tmp_path)
     run_config = exp.run_config()
-    grid = InProcessGrid(client_app, run_config, 3)
+    ledgers = [tmp_path / f"ledger-{i}.json" for i in range(3)]
+    nodes = [{"partition-id": i, "num-partitions": 3, "privacy-ledger": str(ledgers[i])} for i in range(3)]
+    grid = InProcessGrid(client_app, run_config, 3, node_configs=nodes)
     seen = []
     grid.reply_hook = lambda reply: seen.append(reply) or reply
     FederatedServer(from_run_config(run_config), run_config).run(grid)
@@ -67,6 +69,17 @@ def test_epsilon_accumulates_across_rounds_and_a_spent_hospital_declines(tmp_pat
     assert round3["declined"] == 3 and round3["accepted"] == 0
     summary = json.loads((run_dir / "summary.json").read_text())["privacy"]
     assert summary["local_dp"] and max(summary["local_epsilon_by_hospital"].values()) <= budget
+
+    # A restarted SuperNode has an empty context.state: the ledger still knows the budget is spent.
+    for ledger, context in zip(ledgers, grid.contexts.values()):
+        history, exhausted, spent_at = read_ledger(ledger)
+        assert history["steps"] == list(context.state["privacy-accountant"]["steps"]) and exhausted
+        assert spent_at == [budget, delta]
+    restarted = InProcessGrid(client_app, {**run_config, "run-dir": str(tmp_path / "again")}, 3, node_configs=nodes)
+    again = []
+    restarted.reply_hook = lambda reply: again.append(reply) or reply
+    FederatedServer(from_run_config(restarted.contexts[1000].run_config), run_config).run(restarted)
+    assert len(again) == 3 and all(r.has_error() and r.error.code == BUDGET_EXHAUSTED for r in again)
 
 
 def test_node_config_sets_the_hospitals_own_budget():

@@ -185,3 +185,12 @@ def test_privacy_cross_checks_name_the_setting():
     check_privacy_strategy(from_run_config({"privacy-local-dp": True, "model-config": '{"loss": {"nce": 0.0}}'}))
     with pytest.raises(ConfigError, match="privacy-secagg"):  # SecAgg+ hides what central DP clips
         from_run_config({"privacy-secagg": True, "privacy-central-dp": "fixed"})
+
+
+def test_adaptive_budget_discards_the_round_that_would_exceed_it():
+    privacy = PrivacyConfig(central_dp="adaptive", central_noise_multiplier=0.5, adaptive_count_stddev=1.0,
+                            central_epsilon=1.0)  # one round costs far more
+    guard, wrapped, msgs = _guard(privacy)
+    with pytest.raises(PrivacyBudgetExhausted):
+        guard.aggregate_train(1, [_reply(msgs[i], _delta(DELTAS[i]), 1) for i in (1, 2, 3)])
+    assert wrapped.clipping_norm == 0.1 and wrapped.accountant.num_releases == 0

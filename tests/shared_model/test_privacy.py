@@ -269,3 +269,11 @@ def test_bench_dp_step_reports_both_modes():
     result = bench_dp_step("tiny", batch_size=1, steps=1, warmup=False)
     assert result["non_dp_s"] > 0 and result["dp_microbatch_s"] > 0 and result["dp_batched_s"] > 0
     assert result["ratio_microbatch"] == pytest.approx(result["dp_microbatch_s"] / result["non_dp_s"])
+
+
+def test_bench_dp_cli_prints_json_with_the_ratio(capsys):
+    from shared_model.cli import main
+
+    assert main(["bench", "dp", "--batch", "1", "--steps", "1", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch_size"] == 1 and result["ratio_microbatch"] > 0

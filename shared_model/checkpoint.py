@@ -4,10 +4,17 @@ A checkpoint holds only what was trained (the exchanged state) plus the full :cl
 the frozen weights come from the pretrained files named in that config (or the seeded random init
 of a preset). Files are written atomically (temporary file + ``os.replace``) so a killed process
 never leaves a torn checkpoint.
+
+Loading checks, each failing with a :class:`CheckpointError` that names the file: that it is a
+promptsam checkpoint at all (not a text file, a raw SAM ``.pth`` or a server ``checkpoint.pt``),
+optionally the preset (``expect_preset``) and the whole config (``expect_config``, differences as
+dotted fields), and that the stored state fits the model its config builds (keys and shapes).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,10 +22,20 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    get_preset,
+    load_yaml,
+    model_config_from_dict,
+    to_dict,
+)
 from .exchange import ExchangeError, get_exchanged_state, set_exchanged_state
 
 FORMAT = "promptsam-checkpoint/1"
+SERVER_FORMAT = "promptsam-fl-checkpoint/1"  # server/checkpoint.py's resume file, recognised for errors
 
 
 class CheckpointError(ValueError):
@@ -54,40 +71,152 @@ def save_model_checkpoint(path: str | Path, model, extra: dict[str, Any] | None 
     return atomic_torch_save(payload, path)
 
 
+def _not_a_checkpoint(path: Path, payload: Any) -> str:
+    """Why ``payload`` (a readable torch file) is not a promptsam checkpoint, for the error."""
+    hint = ("promptsam checkpoints are written by `promptsam train` (model.pt) and by federated runs "
+            "(best_model.pt, final_model.pt)")
+    if isinstance(payload, dict) and payload.get("format") == SERVER_FORMAT:
+        return (f"{path}: this is a federated server checkpoint (for --resume), not a model checkpoint; "
+                f"use best_model.pt or final_model.pt from the same run folder")
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        first = next(iter(payload))
+        return (f"{path}: not a promptsam checkpoint: it is a plain state dict of {len(payload)} tensors "
+                f"(e.g. {first!r}), such as official SAM or BiomedCLIP weights; pretrained weights are "
+                f"named in a model config (model.sam.checkpoint, model.clip.checkpoint), and {hint}")
+    found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    return f"{path}: not a promptsam checkpoint (expected format {FORMAT!r}, found {found!r}); {hint}"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint payload (CPU, ``weights_only``), with errors naming the file."""
+    """Load a checkpoint payload (CPU, ``weights_only``), with errors naming the file.
+
+    Raises:
+        CheckpointError: The file is missing, a folder, unreadable by ``torch.load`` (e.g. a text
+            file), not a promptsam checkpoint (e.g. a raw SAM ``.pth`` state dict or a server
+            ``checkpoint.pt``), or lacks the ``config``/``state`` entries.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        reason = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {reason}); expected a "
+            "promptsam checkpoint written by `promptsam train` or a federated run"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a promptsam checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(_not_a_checkpoint(path, payload))
+    missing = [key for key in ("config", "state") if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing} (truncated or hand-made file?)")
+    if not isinstance(payload["config"], dict):
+        raise CheckpointError(f"{path}: stored config is not a mapping but {type(payload['config']).__name__}")
+    if not isinstance(payload["state"], dict):
+        raise CheckpointError(f"{path}: stored state is not a mapping but {type(payload['state']).__name__}")
+    bad = [k for k, v in payload["state"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: stored state entry {bad[0]!r} is not a tensor "
+                              f"({type(payload['state'][bad[0]]).__name__})")
     return payload
 
 
 def checkpoint_config(payload: dict[str, Any], path: str | Path = "checkpoint") -> ModelConfig:
     """The ModelConfig stored in a checkpoint payload."""
+    if "config" not in payload:
+        raise CheckpointError(f"{path}: checkpoint has no stored config")
     try:
         return from_dict(ModelConfig, payload["config"], "model")
     except ConfigError as err:
         raise CheckpointError(f"{path}: stored config is invalid: {err}") from None
 
 
-def load_model_checkpoint(path: str | Path, expect_preset: str | None = None):
+def config_fingerprint(cfg: ModelConfig) -> str:
+    """Short hex digest (16 characters) of a ModelConfig: equal configs give equal fingerprints."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+_FIRST_FIELDS = ("preset", "sam.image_size")  # listed before the other differences
+
+
+_WEIGHT_PATHS = ("sam.checkpoint", "clip.checkpoint")
+
+
+def config_differences(checkpoint_cfg: ModelConfig, expected: ModelConfig) -> list[str]:
+    """Dotted fields where two ModelConfigs differ, e.g. ``"sam.image_size: checkpoint 128, expected 1024"``.
+
+    The preset and the input size come first, the other fields follow in alphabetical order.
+    Paths of pretrained weights (``sam.checkpoint``, ``clip.checkpoint``) are not compared: they
+    name files on the machine that trained, not a property of the model.
+    """
+    have, want = _flatten(to_dict(checkpoint_cfg)), _flatten(to_dict(expected))
+    for key in _WEIGHT_PATHS:
+        have.pop(key, None)
+        want.pop(key, None)
+    keys = sorted(set(have) | set(want), key=lambda k: (k not in _FIRST_FIELDS, _FIRST_FIELDS.index(k)
+                                                           if k in _FIRST_FIELDS else 0, k))
+    return [
+        f"{key}: checkpoint {have.get(key)!r}, expected {want.get(key)!r}"
+        for key in keys
+        if have.get(key) != want.get(key)
+    ]
+
+
+def expected_model_config(spec: str | Path) -> ModelConfig:
+    """The ModelConfig a user expects: a preset name, or a YAML file.
+
+    The YAML file is either an experiment (``train``/``simulate`` style) with a ``model`` section
+    or a model section itself (``preset`` plus overrides, as in ``model:`` of an experiment).
+
+    Raises:
+        ConfigError: Unknown preset, missing file, or an invalid model section (naming the field).
+    """
+    path = Path(spec)
+    if not path.is_file():
+        if str(spec) in PRESETS:
+            return get_preset(str(spec))
+        raise ConfigError(f"{spec}: config file not found (and not a preset; presets: {sorted(PRESETS)})")
+    data = load_yaml(path)
+    section = data["model"] if "model" in data else data
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: model: expected a mapping, got {type(section).__name__}")
+    try:
+        return model_config_from_dict(section)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def load_model_checkpoint(
+    path: str | Path, expect_preset: str | None = None, expect_config: ModelConfig | None = None
+):
     """Rebuild the model from a checkpoint and load its exchanged state.
 
     Args:
         path: Checkpoint file.
         expect_preset: If given, the checkpoint must come from this preset.
+        expect_config: If given, the checkpoint's ModelConfig must equal it field by field (see
+            :func:`expected_model_config`).
 
     Returns:
         (model, payload).
 
     Raises:
-        CheckpointError: Missing/unreadable file, other preset, or a state that does not fit.
+        CheckpointError: Missing/unreadable file or not a promptsam checkpoint, other preset,
+            other config (listing the differing dotted fields), or a stored state that does not
+            fit the model built from its config (naming the missing/unexpected/misshapen keys).
     """
     from .model import build_model
 
@@ -95,8 +224,15 @@ def load_model_checkpoint(path: str | Path, expect_preset: str | None = None):
     cfg = checkpoint_config(payload, path)
     if expect_preset is not None and cfg.preset != expect_preset:
         raise CheckpointError(
-            f"{path}: checkpoint was trained with preset {cfg.preset!r}, not {expect_preset!r}"
+            f"{path}: checkpoint was trained with preset {cfg.preset!r}, not {expect_preset!r}; "
+            f"drop --preset or pass --preset {cfg.preset}"
         )
+    if expect_config is not None:
+        diffs = config_differences(cfg, expect_config)
+        if diffs:
+            shown = "; ".join(diffs[:10]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 10 else "")
+            raise CheckpointError(f"{path}: checkpoint's model config differs from the expected one in "
+                                  f"{len(diffs)} field(s): {shown}")
     model = build_model(cfg)
     try:
         set_exchanged_state(model, payload["state"])

@@ -14,8 +14,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from .config import (
     ConfigError,
     DataConfig,
@@ -29,9 +27,10 @@ from .config import (
 )
 
 PLUGINS = ("simulation.cli", "deploy.cli", "server.cli")
+# Kept in sync with shared_model.evaluate.PROMPT_STYLES (not imported here: it pulls in torch).
+PROMPT_STYLE_NAMES = ("class-name", "attribute-caption", "generic", "wrong-organ", "empty")
 # Other packages may add `promptsam bench ...` subcommands through this list (see build_parser).
 BENCH_SUBPARSERS: list = []
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def _experiment(args: argparse.Namespace) -> SiteExperiment:
@@ -84,13 +83,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_checked(args: argparse.Namespace):
+    """Load ``--checkpoint``, requiring ``--preset`` and ``--config`` (a YAML file or preset) if given."""
+    from .checkpoint import expected_model_config, load_model_checkpoint
+
+    expect = expected_model_config(args.config) if getattr(args, "config", None) else None
+    return load_model_checkpoint(args.checkpoint, expect_preset=args.preset, expect_config=expect)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model_checkpoint
     from .config import from_dict
     from .data import build_datasets
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_model, evaluate_prompt_styles, format_prompt_table
+    from .inference import check_device
 
-    model, _ = load_model_checkpoint(args.checkpoint, expect_preset=args.preset)
+    styles_mode = args.prompt_styles or args.styles is not None
+    if styles_mode and args.prompt is not None:
+        raise ValueError("--prompt and --prompt-styles/--styles exclude each other")
+    check_device(args.device)
+    model, _ = _load_checked(args)
     data = from_dict(DataConfig, load_yaml(args.data_config)) if args.data_config else DataConfig()
     if args.data:
         data.root = args.data
@@ -98,6 +109,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data.centres = args.centres
     data.augment = False
     splits = build_datasets(data, model.image_size)
+    if args.split not in splits:
+        raise ValueError(f"split {args.split!r} is empty for this data (have {sorted(splits)})")
+    if styles_mode:
+        results = evaluate_prompt_styles(model, splits[args.split], styles=args.styles or None, device=args.device,
+                                         batch_size=args.batch_size, progress=True)
+        print(format_prompt_table(results))
+        if args.out:
+            Path(args.out).write_text(json.dumps(
+                {"checkpoint": str(args.checkpoint), "split": args.split, "styles": results}, indent=2))
+        return 0
     ev = evaluate_model(
         model, splits[args.split], device=args.device, batch_size=args.batch_size, prompt=args.prompt, progress=True
     )
@@ -107,49 +128,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_images(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such image file or folder")
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {inputs}")
-    return files
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from tqdm.auto import tqdm
+    from .inference import check_device
+    from .predict_cli import load_user_boxes, predict_folder
 
-    from .checkpoint import load_model_checkpoint
-    from .inference import overlay, predict_images
-
-    model, _ = load_model_checkpoint(args.checkpoint, expect_preset=args.preset)
-    files = _list_images(args.inputs)
-    out = Path(args.out)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    user_boxes = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
-    for path in tqdm(files, desc="predict"):
-        try:
-            image = np.asarray(Image.open(path).convert("RGB"))
-        except Exception as err:  # noqa: BLE001 - report the file, keep going
-            print(f"skipped {path}: unreadable image ({err})", file=sys.stderr)
-            continue
-        boxes = [user_boxes[path.name]] if path.name in user_boxes else None
-        (pred,) = predict_images(model, [image], args.prompt, boxes=boxes, threshold=args.threshold,
-                                 device=args.device)
-        Image.fromarray((pred.mask * 255).astype(np.uint8)).save(out / "masks" / f"{path.stem}.png")
-        overlay(image, pred).save(out / "overlays" / f"{path.stem}.png")
-        summary = {"image": str(path), "prompt": args.prompt, **pred.summary()}
-        (out / "masks" / f"{path.stem}.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {len(files)} predictions to {out}")
-    return 0
+    check_device(args.device)  # fail before the (slow) model build
+    model, _ = _load_checked(args)
+    boxes = load_user_boxes(args.boxes) if args.boxes else None
+    index = predict_folder(model, args.inputs, args.out, prompt=args.prompt, threshold=args.threshold,
+                           batch_size=args.batch_size, device=args.device, user_boxes=boxes,
+                           checkpoint=args.checkpoint)
+    skipped = f", skipped {len(index['skipped'])} (see predictions.json)" if index["skipped"] else ""
+    print(f"wrote {index['count']} predictions to {args.out}{skipped}")
+    return 0 if index["count"] else 1
 
 
 def inspect_model(preset: str) -> dict:
@@ -229,26 +220,48 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="require the checkpoint's preset")
+    def checked(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, help="model checkpoint (model.pt, best_model.pt, ...)")
+        p.add_argument("--preset", choices=sorted(PRESETS), help="require the checkpoint's preset")
+        p.add_argument("--config", help="require the checkpoint's model config to equal this one: a YAML "
+                                        "file (with a model section, or a model section itself) or a preset")
+
+    p = sub.add_parser(
+        "evaluate", help="evaluate a checkpoint on a split (optionally per prompt style)",
+        description="Evaluate a checkpoint on a data split: Dice, IoU, precision, recall, HD95. With "
+                    "--prompt-styles the same images are segmented once per text-prompt style and a "
+                    "Markdown table shows the Dice of each and its change against the attribute captions "
+                    "(which are derived from the ground-truth masks, as in training).")
+    checked(p)
     p.add_argument("--data")
     p.add_argument("--data-config", help="YAML with DataConfig fields")
     p.add_argument("--centres", nargs="+")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--prompt", help="override every image's text prompt")
+    p.add_argument("--prompt-styles", action="store_true",
+                   help="evaluate once per prompt style (class name, attribute captions, generic, wrong "
+                        "organ, empty) and print a Markdown table of the Dice of each")
+    p.add_argument("--styles", nargs="+", choices=list(PROMPT_STYLE_NAMES), metavar="STYLE",
+                   help=f"prompt styles to compare (implies --prompt-styles): {', '.join(PROMPT_STYLE_NAMES)}")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="write per-image metrics JSON here")
+    p.add_argument("--out", help="write the metrics as JSON here (per image, or per prompt style)")
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="segment new images: masks, overlays and per-image JSON")
+    p = sub.add_parser(
+        "predict", help="segment new images: masks, overlays, per-image JSON, predictions.json/.csv",
+        description="Segment image files or folders with a trained checkpoint and a text prompt. Writes "
+                    "OUT/masks/<name>.png (0/255, the image's own size), OUT/masks/<name>.json (boxes, area, "
+                    "components, score, confidence), OUT/overlays/<name>.png, the index OUT/predictions.json "
+                    "(checkpoint, preset, config fingerprint, prompt, threshold, skipped files with reasons) "
+                    "and OUT/predictions.csv. Unreadable files are skipped and listed. Exit status 1 when "
+                    "no image could be predicted.")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="require the checkpoint's preset")
+    checked(p)
     p.add_argument("--prompt", default="polyp")
-    p.add_argument("--boxes", help="JSON {image file name: [x0, y0, x1, y1]} of user boxes")
+    p.add_argument("--boxes", help="JSON {image file name: [x0, y0, x1, y1] or a list of boxes} of user boxes")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=4, help="images segmented together")
     p.add_argument("--out", default="runs/predict")
     common(p)
     p.set_defaults(func=cmd_predict)

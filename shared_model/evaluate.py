@@ -1,7 +1,9 @@
-"""Evaluation (no Flower imports): Dice, IoU, precision, recall and HD95 per image and aggregate."""
+"""Evaluation (no Flower imports): Dice, IoU, precision, recall and HD95 per image and aggregate,
+and the same model scored under several text-prompt styles (:func:`evaluate_prompt_styles`)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -41,6 +43,7 @@ def evaluate_model(
     prompt: str | Sequence[str] | None = None,
     progress: bool = False,
     amp: bool = True,
+    desc: str = "evaluate",
 ) -> EvalResult:
     """Segment every item of ``dataset`` and score it against its mask.
 
@@ -53,6 +56,7 @@ def evaluate_model(
         prompt: Override every item's text with this prompt (e.g. the class name only).
         progress: Show a progress bar.
         amp: bf16 autocast on CUDA.
+        desc: Label of the progress bar.
 
     Returns:
         :class:`EvalResult`.
@@ -65,7 +69,7 @@ def evaluate_model(
     per_image: list[dict] = []
     scores: list[dict] = []
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device)
         texts = list(batch["text"])
         if prompt is not None:
@@ -101,3 +105,135 @@ def constant_mask_baseline(train: Dataset, test: Dataset, thresholds: Sequence[f
     test_masks = torch.stack([test[i]["mask"] for i in range(len(test))]) > 0.5
     pred = (mean > best_t).expand_as(test_masks)
     return {"threshold": best_t, "train_dice": best_dice, **aggregate(segmentation_metrics(pred, test_masks))}
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt styles: does the text prompt change the segmentation?
+# --------------------------------------------------------------------------------------------
+
+CAPTION_STYLE = "attribute-caption"
+# Style name -> prompt template (``{class_name}`` is filled in), or None for each image's own caption.
+PROMPT_STYLES: dict[str, str | None] = {
+    "class-name": "{class_name}",
+    CAPTION_STYLE: None,
+    "generic": "a medical image",
+    "wrong-organ": "a brain tumour in an MRI scan",
+    "empty": "",
+}
+
+
+def _caption_view(dataset: Dataset) -> Dataset:
+    """``dataset`` with each image's attribute caption as its text (a shallow copy if needed)."""
+    from .data.folder import PolypDataset
+
+    if isinstance(dataset, PolypDataset) and dataset.prompt_mode != "attributes":
+        view = copy.copy(dataset)  # shares the decoded-image cache, not the caption cache
+        view.prompt_mode = "attributes"
+        view._captions = {}
+        return view
+    return dataset
+
+
+def evaluate_prompt_styles(
+    model: PromptSAM,
+    dataset: Dataset,
+    styles: Sequence[str] | None = None,
+    device: str | torch.device | None = "cpu",
+    batch_size: int = 8,
+    threshold: float = 0.5,
+    class_name: str | None = None,
+    progress: bool = False,
+    amp: bool = True,
+) -> dict[str, dict[str, float | str | None]]:
+    """Evaluate the same model and images once per prompt style (see :data:`PROMPT_STYLES`).
+
+    Styles: ``class-name`` (the class name only, e.g. ``"polyp"``), ``attribute-caption`` (each
+    image's own attribute caption, e.g. ``"one small pink round polyp, located in the left of the
+    image"``, as :class:`~shared_model.data.folder.PolypDataset` produces it with
+    ``prompt_mode="attributes"``), ``generic`` (``"a medical image"``), ``wrong-organ``
+    (``"a brain tumour in an MRI scan"``) and ``empty`` (``""``).
+
+    Note: attribute captions are computed from the ground-truth mask (size, shape, colour and
+    location of each polyp), as in the training recipe, so the ``attribute-caption`` score is
+    optimistic: at deployment nobody knows the mask before segmenting. A PolypDataset in
+    ``prompt_mode="class"`` is evaluated with captions all the same; any other dataset's own
+    ``text`` is used as the caption.
+
+    Args:
+        model: The model.
+        dataset: Items ``{"image", "mask", "text", "stem", "centre"}`` (not augmented).
+        styles: Style names (default: all, in :data:`PROMPT_STYLES` order).
+        device: Device (``"auto"``: CUDA when present).
+        batch_size: Images per forward pass.
+        threshold: Probability threshold of the predicted mask.
+        class_name: Class noun of ``class-name`` (default: the dataset's ``class_name``, else
+            ``"polyp"``).
+        progress: Show a progress bar per style.
+        amp: bf16 autocast on CUDA.
+
+    Returns:
+        Style -> the aggregate metrics of :func:`evaluate_model` (``dice``, ``iou``, ``hd95``, ...,
+        ``n``) plus ``prompt`` (the text, or ``"<per-image attribute caption>"``),
+        ``delta_dice_vs_caption`` (the style's mean Dice minus the caption style's) and
+        ``mean_abs_image_delta_vs_caption`` (mean over images of the absolute per-image Dice
+        change); both deltas are None when the caption style is not among ``styles``.
+
+    Raises:
+        ValueError: An unknown style name (the message names it and lists the valid ones).
+    """
+    styles = list(PROMPT_STYLES) if styles is None else list(styles)
+    unknown = [s for s in styles if s not in PROMPT_STYLES]
+    if unknown:
+        raise ValueError(f"unknown prompt style(s) {unknown}; valid styles: {list(PROMPT_STYLES)}")
+    if not styles:
+        raise ValueError(f"no prompt styles given; valid styles: {list(PROMPT_STYLES)}")
+    name = class_name or getattr(dataset, "class_name", None) or "polyp"
+    kwargs = dict(device=device, batch_size=batch_size, threshold=threshold, progress=progress, amp=amp)
+    runs: dict[str, tuple[str, EvalResult]] = {}
+    for style in dict.fromkeys(styles):  # unique, in the given order
+        template = PROMPT_STYLES[style]
+        kwargs["desc"] = f"evaluate [{style}]"
+        if template is None:
+            ev = evaluate_model(model, _caption_view(dataset), **kwargs)
+            runs[style] = ("<per-image attribute caption>", ev)
+        else:
+            prompt = template.format(class_name=name)
+            runs[style] = (prompt, evaluate_model(model, dataset, prompt=prompt, **kwargs))
+    reference = runs.get(CAPTION_STYLE, (None, None))[1]
+    results: dict[str, dict[str, float | str | None]] = {}
+    for style, (prompt, ev) in runs.items():
+        row: dict = {"prompt": prompt, **ev.aggregate, "delta_dice_vs_caption": None,
+                     "mean_abs_image_delta_vs_caption": None}
+        if reference is not None:
+            row["delta_dice_vs_caption"] = ev.aggregate["dice"] - reference.aggregate["dice"]
+            pairs = list(zip(ev.per_image, reference.per_image))
+            if all(a["stem"] == b["stem"] for a, b in pairs):
+                changes = [abs(a["dice"] - b["dice"]) for a, b in pairs]
+                row["mean_abs_image_delta_vs_caption"] = sum(changes) / len(changes)
+        results[style] = row
+    return results
+
+
+def format_prompt_table(results: dict[str, dict[str, float | str | None]]) -> str:
+    """Markdown table of :func:`evaluate_prompt_styles` results (one row per style)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    def signed(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.4f}"
+
+    lines = [
+        "| prompt style | prompt | Dice | IoU | HD95 (px) | n | Dice - caption Dice "
+        "| mean abs per-image change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for style, r in results.items():
+        prompt = r["prompt"] if r["prompt"].startswith("<") else f'"{r["prompt"]}"'
+        change = r.get("mean_abs_image_delta_vs_caption")
+        lines.append(
+            f"| {cell(style)} | {cell(prompt)} | {r['dice']:.4f} | {r['iou']:.4f} | {r['hd95']:.2f} | "
+            f"{int(r['n'])} | {signed(r.get('delta_dice_vs_caption'))} | "
+            f"{'-' if change is None else f'{change:.4f}'} |"
+        )
+    return "\n".join(lines)

@@ -53,6 +53,34 @@ class Prediction:
         }
 
 
+def check_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Resolve a device name like :func:`~shared_model.train.resolve_device`, but fail clearly.
+
+    Args:
+        device: ``"auto"``/None (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+
+    Returns:
+        The torch device.
+
+    Raises:
+        ValueError: An unknown device name, CUDA requested on a machine without a usable GPU (or
+            with a CPU-only torch build), or a CUDA index beyond the visible GPUs.
+    """
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {str(device)!r} (use auto, cpu, cuda or cuda:N): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available (torch "
+                             f"{torch.__version__}, {build}, no usable GPU visible); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} "
+                             "CUDA device(s) are visible")
+    return dev
+
+
 def to_tensor(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
     """H x W x 3 uint8 (or PIL) -> 3 x size x size float in [0, 1]."""
     arr = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB"), dtype=np.float32) / 255.0
@@ -81,12 +109,15 @@ def predict_images(
         points: Per image, None or (list of [x, y], list of labels 1=fg/0=bg) in its pixels.
         threshold: Probability threshold of the mask.
         batch_size: Images per forward pass (images with user prompts go one at a time).
-        device: Device (``"auto"``: CUDA when present).
+        device: Device (``"auto"``: CUDA when present; see :func:`check_device`).
 
     Returns:
         One :class:`Prediction` per image.
+
+    Raises:
+        ValueError: An unknown or unavailable device, or a prompt count that does not match.
     """
-    device = resolve_device(device)
+    device = check_device(device)
     model.to(device).eval()
     n = len(images)
     prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
@@ -158,6 +189,65 @@ def heatmap(values: np.ndarray) -> np.ndarray:
     return (cmap(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
+def _rgb(image: np.ndarray | Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 copy of an image (array or PIL, any mode)."""
+    return np.asarray(Image.fromarray(np.asarray(image)).convert("RGB")).copy()
+
+
+def _line_width(shape: tuple[int, ...]) -> int:
+    return max(1, min(shape[:2]) // 150)
+
+
+def blend_saliency(image: np.ndarray | Image.Image, saliency: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """H x W x 3 uint8 image with the 'jet' heatmap of ``saliency`` (H x W in [0, 1]) blended in
+    where salient (weight ``alpha * saliency``)."""
+    img = _rgb(image).astype(np.float32)
+    weight = alpha * np.clip(saliency, 0, 1)[..., None]  # heat shows only where salient
+    return ((1 - weight) * img + weight * heatmap(saliency).astype(np.float32)).astype(np.uint8)
+
+
+def draw_contour(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """Paint the contour of ``mask`` (H x W bool) onto ``image`` (H x W x 3 uint8) in place."""
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=_line_width(image.shape))
+    image[edge] = colour
+    return image
+
+
+def fill_mask(image: np.ndarray | Image.Image, mask: np.ndarray, colour: tuple[int, int, int],
+              alpha: float = 0.45) -> np.ndarray:
+    """H x W x 3 uint8 image with ``mask`` (H x W bool) tinted in ``colour`` and outlined."""
+    out = _rgb(image).astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    return draw_contour(out.astype(np.uint8), mask, colour)
+
+
+def draw_boxes(image: np.ndarray | Image.Image, boxes: Sequence[Sequence[float]],
+               colour: tuple[int, int, int] = (0, 255, 255)) -> Image.Image:
+    """Image with the ``[x0, y0, x1, y1]`` boxes (image pixels) drawn as rectangles."""
+    pil = Image.fromarray(_rgb(image))
+    draw = ImageDraw.Draw(pil)
+    for box in boxes:
+        draw.rectangle(list(box), outline=colour, width=_line_width(np.asarray(pil).shape))
+    return pil
+
+
+def panels(image: np.ndarray | Image.Image, pred: Prediction,
+           truth: np.ndarray | None = None) -> dict[str, Image.Image]:
+    """Separate views of one prediction: ``image``, ``ground truth`` (yellow, if given),
+    ``saliency`` (heatmap), ``boxes`` (cyan box prompts) and ``predicted mask`` (green; the
+    ground-truth contour in yellow for comparison)."""
+    out = {"image": Image.fromarray(_rgb(image))}
+    if truth is not None:
+        out["ground truth"] = Image.fromarray(fill_mask(image, truth, (255, 255, 0)))
+    out["saliency"] = Image.fromarray(blend_saliency(image, pred.saliency))
+    out["boxes"] = draw_boxes(image, pred.boxes)
+    predicted = fill_mask(image, pred.mask, (0, 255, 0))
+    if truth is not None:
+        draw_contour(predicted, truth, (255, 255, 0))
+    out["predicted mask"] = Image.fromarray(predicted)
+    return out
+
+
 def overlay(
     image: np.ndarray | Image.Image,
     pred: Prediction,
@@ -166,17 +256,8 @@ def overlay(
 ) -> Image.Image:
     """Image with the saliency heatmap blended in, the mask contour (green), the ground-truth
     contour (yellow, if given) and the box prompts (cyan)."""
-    img = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB")).astype(np.float32)
-    weight = alpha * np.clip(pred.saliency, 0, 1)[..., None]  # heat shows only where salient
-    blended = (1 - weight) * img + weight * heatmap(pred.saliency).astype(np.float32)
-    out = blended.astype(np.uint8)
+    out = blend_saliency(image, pred.saliency, alpha)
     for mask, colour in ((truth, (255, 255, 0)), (pred.mask, (0, 255, 0))):
         if mask is not None:
-            edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(img.shape[:2]) // 150))
-            out[edge] = colour
-    pil = Image.fromarray(out)
-    draw = ImageDraw.Draw(pil)
-    width = max(1, min(img.shape[:2]) // 150)
-    for box in pred.boxes:
-        draw.rectangle(box, outline=(0, 255, 255), width=width)
-    return pil
+            draw_contour(out, mask, colour)
+    return draw_boxes(out, pred.boxes)

@@ -108,8 +108,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Entry point of the ``experiment`` subcommand."""
+    from simulation.comparison import load_comparison, run_comparison
+
+    out = args.out
+    if out is None:
+        exp, _, _ = load_comparison(args.config, _parse_set(args.set))
+        out = Path.cwd() / "runs" / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_comparison(args.config, out, _parse_set(args.set))
+    print((Path(out) / "table.md").read_text())
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``simulate`` subcommand (and ``bench round``) to the ``promptsam`` parser."""
+    """Add the ``simulate`` and ``experiment`` subcommands (and ``bench round``) to ``promptsam``."""
     p = subparsers.add_parser("simulate", help="run a federated experiment on Flower's simulation engine")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -117,6 +130,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.set_defaults(func=cmd_simulate)
+    e = subparsers.add_parser(
+        "experiment", help="centralized vs local-only vs FedAvg vs FedProx (+ leave-one-centre-out), same compute")
+    e.add_argument("--config", required=True, help="experiment YAML with a compare: section "
+                   "(e.g. simulation/configs/compare_polyp_tiny.yaml)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML field, e.g. --set compare.total_steps=300 (repeatable)")
+    e.add_argument("--out", default=None, help="output folder (default runs/<name>-<time>); an existing "
+                   "one is resumed: finished training jobs are not run again")
+    e.set_defaults(func=cmd_experiment)
     from shared_model.cli import BENCH_SUBPARSERS
     from simulation.bench import register_bench
 

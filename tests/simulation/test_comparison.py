@@ -1,0 +1,144 @@
+"""``promptsam experiment``: centralized vs local vs FedAvg vs FedProx, same compute, tables and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared_model.config import ConfigError
+from simulation import comparison
+from simulation.comparison import CompareConfig, load_comparison, plan, run_comparison
+from simulation.comparison_report import table_rows
+
+SYNTHETIC = {
+    "name": "cmp_test",
+    "model": {"preset": "tiny"},
+    "federation": {"fraction_evaluate": 0.0, "global_eval": "val", "device": "cpu", "eval_batch_size": 8},
+    "train": {"batch_size": 2, "lr": 0.003, "warmup_steps": 0, "amp": False},
+    "data": {"val_fraction": 0.2, "test_fraction": 0.3, "augment": False},
+    "synthetic": {"centres": 3, "per_centre": 8, "image_size": 128},
+    "partition": {"mode": "centre"},
+    "simulation": {"num_supernodes": 3},
+    "compare": {"total_steps": 6, "rounds": 2, "prompt_styles": True, "prompt_model": "fedavg"},
+}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "cmp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_comparison_runs_every_method_with_the_same_compute_and_resumes(tmp_path, monkeypatch):
+    config = _write(tmp_path, SYNTHETIC)
+    out = tmp_path / "out"
+    results = run_comparison(config, out, echo=lambda line: None)
+    jobs = results["jobs"]
+    # 4 methods on all centres (local = one job per centre) + 3 methods x 3 held-out centres.
+    assert len(jobs) == 6 + 9
+    steps = {key: job["steps"] for key, job in jobs.items() if key.startswith("all/")}
+    assert steps == {"all/centralized/seed-0": 6, "all/fedavg/seed-0": 6, "all/fedprox/seed-0": 6,
+                     **{f"all/local-centre_{i}/seed-0": 2 for i in range(3)}}
+    assert jobs["all/fedavg/seed-0"]["local_steps"] == 1
+    assert jobs["loo-centre_0/fedavg/seed-0"]["centres"] == ["centre_1", "centre_2"]
+    assert jobs["loo-centre_0/fedavg/seed-0"]["local_steps"] == 1 and jobs["loo-centre_0/fedavg/seed-0"]["steps"] == 4
+    # Held-out jobs are tested only on the held-out centre; the others on every centre.
+    assert {r["centre"] for r in jobs["loo-centre_1/centralized/seed-0"]["per_image"]} == {"centre_1"}
+    assert {r["centre"] for r in jobs["all/local-centre_2/seed-0"]["per_image"]} == {"centre_0", "centre_1", "centre_2"}
+    assert set(results["prompt_styles"]["styles"]) >= {"class-name", "attribute-caption", "wrong-organ"}
+
+    table = (out / "table.md").read_text()
+    for name in ("centralized", "local (centre_0)", "local (own centre)", "fedavg", "fedprox",
+                 "held out: centre_2", "wrong-organ"):
+        assert name in table
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    main = [r for r in rows if r["setting"] == "all"]
+    assert len(main) == (3 + 3 + 1) * 4  # (centralized, fedavg, fedprox, 3 local, local own) x (3 centres + pooled)
+    assert len([r for r in rows if r["setting"] == "leave-one-out"]) == 3 * 3
+    assert all(0.0 <= float(r["dice"]) <= 1.0 and int(r["n"]) > 0 for r in rows)
+    for name in ("dice_by_centre.png", "dice_leave_one_out.png", "federated_rounds.png"):
+        assert (out / name).stat().st_size > 1000
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["compare"]["seeds"] == [0] and recorded["data"]["centres"] == ["centre_0", "centre_1", "centre_2"]
+    assert results["environment"]["torch"]
+
+    # Resuming retrains nothing and gives the same table.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished job was trained again")
+
+    monkeypatch.setattr(comparison, "train_single_site", refuse)
+    monkeypatch.setattr(comparison, "train_federated", refuse)
+    run_comparison(config, out, echo=lambda line: None)
+    assert (out / "table.md").read_text() == table
+    # The same folder with another configuration is refused.
+    other = _write(tmp_path, {**SYNTHETIC, "compare": {**SYNTHETIC["compare"], "total_steps": 12}}, "other.yaml")
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_comparison(other, out, echo=lambda line: None)
+
+
+def test_table_rows_pool_images_and_pick_each_centres_own_local_model():
+    def job(setting, method, centres, per_image, seed=0):
+        return {"setting": setting, "method": method, "centres": centres, "seed": seed, "steps": 10,
+                "per_image": [{"centre": c, "stem": f"{c}{i}", "dice": d, "iou": d / 2, "hd95": 10 * d}
+                              for i, (c, d) in enumerate(per_image)]}
+
+    results = {"jobs": {
+        "a": job("all", "fedavg", ["x", "y"], [("x", 0.2), ("x", 0.4), ("y", 0.9)]),
+        "b": job("all", "fedavg", ["x", "y"], [("x", 0.6), ("y", 0.7)], seed=1),
+        "c": job("all", "local", ["x"], [("x", 0.5), ("y", 0.1)]),
+        "d": job("all", "local", ["y"], [("x", 0.3), ("y", 0.8)]),
+        "e": job("loo-y", "fedavg", ["x"], [("y", 0.25), ("y", 0.75)]),
+    }}
+    rows = table_rows(results, ["x", "y"], ["fedavg", "local"])
+    get = {(r["setting"], r["method"], r["test_centre"]): r for r in rows}
+    fx = get[("all", "fedavg", "x")]  # seeds pooled: 0.2, 0.4, 0.6
+    assert fx["n"] == 3 and fx["dice"] == pytest.approx(0.4) and fx["dice_std"] == pytest.approx((0.08 / 3) ** 0.5)
+    assert fx["seeds"] == [0, 1] and fx["iou"] == pytest.approx(0.2)
+    assert get[("all", "fedavg", "pooled")]["n"] == 5
+    own = get[("all", "local (own centre)", "pooled")]  # x by x's model (0.5), y by y's model (0.8)
+    assert own["n"] == 2 and own["dice"] == pytest.approx(0.65)
+    assert get[("all", "local (x)", "y")]["dice"] == pytest.approx(0.1)
+    loo = get[("leave-one-out", "fedavg", "y")]
+    assert loo["trained_on"] == "x" and loo["dice"] == pytest.approx(0.5) and loo["hd95"] == pytest.approx(5.0)
+    assert ("leave-one-out", "fedavg", "pooled") not in get
+
+
+def test_plan_orders_jobs_and_skips_leave_one_out_when_off():
+    jobs = plan(CompareConfig(methods=["local", "fedavg"], leave_one_out_methods=["fedavg"], seeds=[0, 1]),
+                ["a", "b", "c"])
+    assert [j.key for j in jobs[:4]] == ["all/local-a/seed-0", "all/local-b/seed-0", "all/local-c/seed-0",
+                                         "all/fedavg/seed-0"]
+    assert [j.key for j in jobs[4:7]] == ["loo-a/fedavg/seed-0", "loo-b/fedavg/seed-0", "loo-c/fedavg/seed-0"]
+    assert len(jobs) == 14
+    assert len(plan(CompareConfig(leave_one_out=False), ["a", "b"])) == 5
+
+
+@pytest.mark.parametrize("compare, message", [
+    ({"methods": ["fedavg", "swarm"]}, "compare.methods: unknown method"),
+    ({"leave_one_out_methods": ["local"]}, "compare.leave_one_out_methods"),
+    ({"prompt_model": "local", "methods": ["local", "fedavg"]}, "compare.prompt_model"),
+    ({"total_steps": 5, "rounds": 2}, "compare.total_steps"),
+    ({"seeds": []}, "compare.seeds"),
+    ({"total_step": 5}, "total_step"),
+])
+def test_bad_compare_sections_name_the_field(tmp_path, compare, message):
+    with pytest.raises(ConfigError, match=message):
+        load_comparison(_write(tmp_path, {**SYNTHETIC, "compare": {**SYNTHETIC["compare"], **compare}}))
+
+
+def test_the_comparison_needs_one_hospital_per_centre(tmp_path):
+    with pytest.raises(ConfigError, match="partition.mode"):
+        load_comparison(_write(tmp_path, {**SYNTHETIC, "partition": {"mode": "iid"}}))
+
+
+def test_the_shipped_real_data_config_parses():
+    root = Path(__file__).resolve().parents[2]
+    exp, cfg, raw = load_comparison(root / "simulation" / "configs" / "compare_polyp_tiny.yaml")
+    assert cfg.methods == ["centralized", "local", "fedavg", "fedprox"] and cfg.leave_one_out
+    assert Path(raw["data"]["root"]).is_absolute() and exp.data.centres == ["kvasir_seg", "cvc_clinicdb", "cvc_colondb"]
+    json.dumps(raw)

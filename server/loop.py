@@ -9,6 +9,7 @@ but can start at any round, so that ``resume`` continues from the last checkpoin
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -25,7 +26,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from client.task import client_seed, train_metric_keys
 from client.wire import record_to_state, state_to_record
 from server.checkpoint import CHECKPOINT_NAME, ResumeError, ServerCheckpoint, check_resumable, load_checkpoint, save_checkpoint
-from server.report import AUDIT_NAME, METRICS_NAME, JsonLines, write_report
+from server.report import AUDIT_NAME, METRICS_NAME, JsonLines, summarize, write_report
 from server.privacy import check_privacy_strategy, declined, privacy_summary, round_privacy, wrap_central_dp
 from server.strategy import GuardedStrategy, build_inner_strategy
 from shared_model.config import ConfigError, RunSettings
@@ -34,6 +35,7 @@ from shared_model.exchange import check_state, get_exchanged_state, set_exchange
 log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
 
 GLOBAL_METRICS = ("dice", "iou", "hd95", "precision", "recall", "n")
+RUN_CONFIG_NAME = "run_config.json"
 
 
 class FederatedServer:
@@ -67,13 +69,6 @@ class FederatedServer:
 
     # -- data --------------------------------------------------------------------------------
 
-    def _dataset(self, samples: list):
-        from shared_model.data.folder import PolypDataset
-
-        data = self.settings.data
-        return PolypDataset(samples, self.settings.model.sam.image_size, augment=False,
-                            prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
-
     def _eval_sets(self):
         """Global evaluation set (``global-eval``) and, when that is ``val``, the pooled test set.
 
@@ -84,33 +79,9 @@ class FederatedServer:
         from shared_model.data.folder import DataError
 
         try:
-            return self._read_eval_sets()
+            return evaluation_sets(self.settings)
         except (DataError, OSError) as err:
             raise ConfigError(f"global-eval={self.settings.federation.global_eval!r}: {err}") from None
-
-    def _read_eval_sets(self):
-        from shared_model.data.folder import list_samples
-        from shared_model.data.splits import load_split_file, split_samples
-
-        choice, data = self.settings.federation.global_eval, self.settings.data
-        if choice == "none":
-            return None, None
-        if choice in ("val", "test"):
-            samples, _ = list_samples(data.root, data.centres or None, data.on_error)
-            if data.split_file:
-                splits = load_split_file(data.split_file, samples)
-            else:
-                splits = split_samples(samples, data.val_fraction, data.test_fraction, data.split_seed)
-            if not splits[choice]:
-                raise ConfigError(f"global-eval: the pooled {choice} split of {data.root} is empty")
-            test = self._dataset(splits["test"]) if choice == "val" and splits["test"] else None
-            return self._dataset(splits[choice]), test
-        path = Path(choice)
-        if not path.is_dir():
-            raise ConfigError(f"global-eval: {choice!r} is neither 'val', 'test', 'none' nor a folder")
-        root, centres = (path.parent, [path.name]) if (path / "images").is_dir() else (path, None)
-        samples, _ = list_samples(root, centres, data.on_error)
-        return self._dataset(samples), None
 
     def _hospital_names(self) -> dict[int, str]:
         part = self.settings.partition
@@ -173,10 +144,12 @@ class FederatedServer:
             self.strategy.load_state_dict(ckpt.strategy)
             self.metrics.rewrite(ckpt.history)
             self.audit.rewrite([r for r in self.audit.read() if r["round"] <= ckpt.round])
+            (self.run_dir / RUN_CONFIG_NAME).write_text(json.dumps(self.run_config, indent=2, default=str))
             log.info("resuming after round %d from %s", ckpt.round, path)
             return ckpt, ckpt.round + 1
         if path.exists():
             raise ResumeError(f"{path} exists: set resume=true to continue that run, or use a new run-dir")
+        (self.run_dir / RUN_CONFIG_NAME).write_text(json.dumps(self.run_config, indent=2, default=str))
         state = get_exchanged_state(self.model)
         ckpt = ServerCheckpoint(round=0, state=dict(state), model_config=self._model_dict(),
                                 run_config=self.run_config)
@@ -299,8 +272,72 @@ class FederatedServer:
             extra.update(self.test_report(OrderedDict(ckpt.best_state)))
         extra["privacy"] = privacy_summary(self.settings, ckpt.history, self.strategy.inner)
         report = write_report(self.run_dir, ckpt.history, ckpt.best_round, extra)
-        log.info("report: %s", report)
+        html = self._html_report(ckpt, summarize(ckpt.history, ckpt.best_round, extra))
+        log.info("report: %s and %s", report, html)
         return report
+
+    def _html_report(self, ckpt: ServerCheckpoint, summary: dict[str, Any]) -> Path:
+        """``report.html`` with prediction overlays of the best (else final) state on the test
+        split (else the evaluation set; none without server-side evaluation data)."""
+        from server.html_report import OVERLAY_EXAMPLES, overlay_examples, write_html_report
+
+        dataset = self.test_set if self.test_set is not None else self.eval_set
+        overlays, source = None, ""
+        if dataset is not None:
+            best = ckpt.best_round >= 0
+            set_exchanged_state(self.model, OrderedDict(ckpt.best_state if best else ckpt.state))
+            overlays = overlay_examples(self.model, dataset, OVERLAY_EXAMPLES, device=self.settings.federation.device)
+            source = (f"{'Best' if best else 'Final'} state (round {ckpt.best_round if best else ckpt.round}) on "
+                      f"{len(overlays)} of the {len(dataset)} images of the "
+                      f"{'test split' if self.test_set is not None else 'evaluation set'}.")
+        return write_html_report(self.run_dir, ckpt.history, summary, self.run_config, overlays,
+                                 overlay_source=source)
+
+
+def _dataset(settings: RunSettings, samples: list, image_size: int | None = None):
+    from shared_model.data.folder import PolypDataset
+
+    data = settings.data
+    return PolypDataset(samples, image_size or settings.model.sam.image_size, augment=False,
+                        prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
+
+
+def evaluation_sets(settings: RunSettings, image_size: int | None = None):
+    """The server's evaluation set (``global-eval``) and, when that is ``val``, the pooled test set.
+
+    Args:
+        settings: The run's settings (``global-eval`` and the data config).
+        image_size: Input size of the datasets (default: the model config's).
+
+    Returns:
+        ``(eval_set, test_set)``; either may be None (``global-eval = none``; no test split).
+
+    Raises:
+        ConfigError: On an empty split or a ``global-eval`` that is no choice nor a folder.
+        DataError: When the data cannot be read.
+    """
+    from shared_model.data.folder import list_samples
+    from shared_model.data.splits import load_split_file, split_samples
+
+    choice, data = settings.federation.global_eval, settings.data
+    if choice == "none":
+        return None, None
+    if choice in ("val", "test"):
+        samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+        if data.split_file:
+            splits = load_split_file(data.split_file, samples)
+        else:
+            splits = split_samples(samples, data.val_fraction, data.test_fraction, data.split_seed)
+        if not splits[choice]:
+            raise ConfigError(f"global-eval: the pooled {choice} split of {data.root} is empty")
+        test = _dataset(settings, splits["test"], image_size) if choice == "val" and splits["test"] else None
+        return _dataset(settings, splits[choice], image_size), test
+    path = Path(choice)
+    if not path.is_dir():
+        raise ConfigError(f"global-eval: {choice!r} is neither 'val', 'test', 'none' nor a folder")
+    root, centres = (path.parent, [path.name]) if (path / "images").is_dir() else (path, None)
+    samples, _ = list_samples(root, centres, data.on_error)
+    return _dataset(settings, samples, image_size), None
 
 
 def _fmt(value: float | None) -> str:

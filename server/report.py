@@ -143,10 +143,18 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _privacy_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Epsilon by round (server-side central DP; largest cumulative hospital epsilon under local DP)."""
+def privacy_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``round`` rows, sorted, when any carries an epsilon (DP was on); else ``[]``."""
     rounds = sorted((r for r in rows if r["kind"] == "round"), key=lambda r: r["round"])
     if not any(r.get("epsilon-central") is not None or r.get("epsilon-local-max") is not None for r in rounds):
+        return []
+    return rounds
+
+
+def _privacy_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Epsilon by round (server-side central DP; largest cumulative hospital epsilon under local DP)."""
+    rounds = privacy_rows(rows)
+    if not rounds:
         return []
     lines = ["", "Privacy: cumulative epsilon after each round (server-side central DP at privacy-central-delta; "
              "largest hospital's local DP at its delta); declined = hospitals out of budget.", "",

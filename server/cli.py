@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -171,14 +171,3 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     return p
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server.cli report RUN_DIR`` without the lead's CLI."""
-    parser = argparse.ArgumentParser(prog="promptsam")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

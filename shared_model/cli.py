@@ -185,6 +185,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             device=args.device,
             compile_encoder=args.compile,
+            activation_checkpointing=args.checkpointing,
         )
         print(json.dumps(result, indent=2), flush=True)
     return 0
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
+    b.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of the SAM encoder blocks (this project's paths)")
     common(b)
     b.set_defaults(func=cmd_bench_step)
     b = bench.add_parser("dp", help="DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")

@@ -55,6 +55,9 @@ class SamConfig:
     # Image-encoder attention: "sdpa" (F.scaled_dot_product_attention with the rel-pos bias as
     # the mask; same parameters and outputs) or "sam" (segment-anything's own forward).
     attention: str = "sdpa"
+    # Recompute each image-encoder block in backward instead of storing its activations
+    # (less GPU memory for ~one more encoder forward per step).
+    activation_checkpointing: bool = False
     # Adapters: LoRA on the frozen image encoder.
     lora_rank: int = 4
     lora_alpha: float = 4.0

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ConfigError, SamConfig
 from .lora import add_lora, freeze, linear_names, unfreeze_lora
-from .sam_attention import use_sdpa_attention
+from .sam_attention import use_activation_checkpointing, use_sdpa_attention
 
 ATTENTION_MODES = ("sam", "sdpa")
 DECODER_MODES = ("lora", "train", "frozen")
@@ -79,6 +79,8 @@ class SamParts(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), False)
         if cfg.attention == "sdpa":
             use_sdpa_attention(self.image_encoder)
+        if cfg.activation_checkpointing:
+            use_activation_checkpointing(self.image_encoder)
         self.adapted = False
 
     # ----------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class SdpaAttention(Attention):
@@ -61,5 +62,37 @@ def use_sdpa_attention(image_encoder: nn.Module) -> int:
     for module in image_encoder.modules():
         if type(module) is Attention:
             module.__class__ = SdpaAttention
+            count += 1
+    return count
+
+
+class CheckpointedBlock(Block):
+    """segment-anything encoder ``Block`` that recomputes its activations in backward.
+
+    With gradients on, the block's forward runs under ``torch.utils.checkpoint`` (non-reentrant):
+    only its input is kept for backward and everything inside (attention, MLP, LoRA) is
+    recomputed, trading about one more encoder forward for most of the encoder's activation
+    memory. Without gradients (evaluation) it is the plain block.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x H x W x C tokens -> B x H x W x C."""
+        if torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
+
+
+def use_activation_checkpointing(image_encoder: nn.Module) -> int:
+    """Make every encoder ``Block`` of ``image_encoder`` a :class:`CheckpointedBlock` in place.
+
+    Parameter names and injected LoRA layers are untouched (only the class changes).
+
+    Returns:
+        The number of blocks switched.
+    """
+    count = 0
+    for module in image_encoder.modules():
+        if type(module) is Block:
+            module.__class__ = CheckpointedBlock
             count += 1
     return count

@@ -12,7 +12,7 @@ from segment_anything import sam_model_registry
 
 from shared_model.config import ConfigError, SamConfig, get_preset
 from shared_model.sam import SamParts, build_sam_parts, load_sam_checkpoint
-from shared_model.sam_attention import SdpaAttention
+from shared_model.sam_attention import CheckpointedBlock, SdpaAttention
 
 
 def tiny_cfg(**overrides: object) -> SamConfig:
@@ -276,6 +276,38 @@ def test_sdpa_attention_matches_sam_attention() -> None:
     assert grads_ref.keys() == grads_fast.keys()
     for name in grads_ref:
         torch.testing.assert_close(grads_fast[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients() -> None:
+    ref = tiny_parts()
+    ckpt = tiny_parts(activation_checkpointing=True)
+    assert sum(isinstance(mod, CheckpointedBlock) for mod in ckpt.modules()) == 4
+    assert not any(isinstance(mod, CheckpointedBlock) for mod in ref.modules())
+    for m in (ref, ckpt):
+        m.add_adapters()
+    randomise_lora(ref)
+    assert list(ref.state_dict()) == list(ckpt.state_dict())  # same names: checkpoints interchange
+    ckpt.load_state_dict(ref.state_dict())
+    out_ref, out_ckpt = run_tiny(ref), run_tiny(ckpt)
+    torch.testing.assert_close(out_ckpt[0], out_ref[0], rtol=0, atol=0)
+    saved: list[int] = []
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        loss_ckpt = run_tiny(ckpt)[0].square().mean()
+    kept_ckpt, saved[:] = sum(saved), []
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        loss_ref = run_tiny(ref)[0].square().mean()
+    assert kept_ckpt < 0.6 * sum(saved)  # the encoder's activations are no longer kept
+    loss_ref.backward()
+    loss_ckpt.backward()
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            other = dict(ckpt.named_parameters())[name].grad
+            torch.testing.assert_close(other, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

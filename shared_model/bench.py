@@ -187,3 +187,58 @@ def bench_step(
     results["sam_path_vs_plain"] = results["sam_path"]["images_per_s"] / results["plain"]["images_per_s"]
     results["full_vs_sam_path"] = results["full"]["images_per_s"] / results["sam_path"]["images_per_s"]
     return results
+
+
+def saved_activation_bytes(
+    preset: str = "tiny",
+    image_size: int | None = None,
+    batch_size: int = 1,
+    activation_checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> dict:
+    """Bytes autograd keeps for backward in one training forward (SAM path and full pipeline).
+
+    A device-independent measure of activation memory: every tensor saved for backward is
+    recorded through ``torch.autograd.graph.saved_tensors_hooks`` and each distinct storage is
+    counted once, parameters and buffers excluded. Runs on CPU (no GPU needed); ``dtype``
+    ``torch.bfloat16`` runs the forward under bf16 autocast, as training does on a GPU (CPU
+    autocast's op lists are close to, not the same as, CUDA's). Peak GPU memory adds weights,
+    gradients, optimiser state and workspace; attention kernels may keep a little more or less.
+
+    Returns:
+        ``{"preset", "image_size", "batch_size", "activation_checkpointing", "dtype",
+        "sam_path_gib", "full_gib"}``.
+    """
+    cfg: ModelConfig = get_preset(preset)
+    cfg = merge(cfg, {"sam": {"activation_checkpointing": activation_checkpointing,
+                              **({"image_size": image_size} if image_size else {})}})
+    s = cfg.sam.image_size
+    dev = torch.device(device)
+    images = torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(0)).to(dev)
+    boxes = torch.tensor([[[s / 3, s / 4, 2 * s / 3, 3 * s / 4]]], device=dev).repeat(batch_size, 1, 1)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def measure(module: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> float:
+        own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in own and storage.device.type != "meta":
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            forward()
+        return sum(seen.values()) / 2**30
+
+    parts = build_sam_parts(cfg.sam).to(dev).train()
+    sam_gib = measure(parts, lambda: sam_path_forward(parts, images, boxes))
+    del parts
+    model = build_model(cfg).to(dev).train()
+    texts = ["one medium pink round polyp, located in the centre of the image"] * batch_size
+    full_gib = measure(model, lambda: model(images, texts).mask_logits)
+    return {"preset": preset, "image_size": s, "batch_size": batch_size,
+            "activation_checkpointing": activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
+            "sam_path_gib": sam_gib, "full_gib": full_gib}

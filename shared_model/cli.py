@@ -191,6 +191,23 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from .bench import saved_activation_bytes
+
+    for size in args.image_size or [None]:
+        for checkpointing in (False, True):
+            result = saved_activation_bytes(args.preset, size, args.batch, checkpointing,
+                                            torch_dtype(args.dtype), device=args.device)
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def cmd_bench_dp(args: argparse.Namespace) -> int:
     from .privacy import bench_dp_step, format_bench
 
@@ -285,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing of the SAM encoder blocks (this project's paths)")
     common(b)
     b.set_defaults(func=cmd_bench_step)
+    b = bench.add_parser("memory", help="activation bytes kept for backward, with and without checkpointing "
+                         "(device independent; runs on CPU)")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    b.add_argument("--image-size", type=int, nargs="*", help="e.g. 512 1024 (default: the preset's)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_bench_memory)
     b = bench.add_parser("dp", help="DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
     common(b)
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from shared_model.bench import plain_forward, plain_recipe, sam_path_forward
@@ -40,3 +41,21 @@ def test_bench_step_cli_prints_ratios(capsys):
         assert out[key]["images_per_s"] > 0 and out[key]["gflop_per_step"] > 0
     assert out["sam_path_vs_plain"] > 0 and out["full_vs_sam_path"] > 0
     assert out["max_abs_diff_sam_paths"] < 1e-3
+
+
+def test_saved_activation_bytes_scale_with_batch_and_drop_with_checkpointing(capsys):
+    from shared_model.bench import saved_activation_bytes
+    from shared_model.cli import main
+
+    one = saved_activation_bytes("tiny", batch_size=1)
+    two = saved_activation_bytes("tiny", batch_size=2)
+    # Per-image activations double; a few batch-independent tensors (positional encodings) do not.
+    assert 1.8 * one["sam_path_gib"] < two["sam_path_gib"] <= 2 * one["sam_path_gib"]
+    assert one["full_gib"] > one["sam_path_gib"] > 0
+    ckpt = saved_activation_bytes("tiny", batch_size=2, activation_checkpointing=True)
+    assert ckpt["sam_path_gib"] < 0.5 * two["sam_path_gib"]
+    half = saved_activation_bytes("tiny", batch_size=2, dtype=torch.bfloat16)
+    assert half["sam_path_gib"] < two["sam_path_gib"]  # matmul inputs kept in bf16 (norms stay fp32)
+    assert main(["bench", "memory", "--batch", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["activation_checkpointing"] for r in lines] == [False, True]

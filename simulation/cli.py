@@ -84,6 +84,8 @@ def simulate(config_path: str | Path, overrides: Mapping[str, Any] | None = None
         raise RuntimeError(f"the run ended without a summary; see {run_dir / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
     print(f"report: {report}")
+    if (run_dir / "report.html").is_file():
+        print(f"report (HTML, open in a browser): {run_dir / 'report.html'}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     rounds = sorted({*summary["global"]["dice"], *summary["federated_dice"]}, key=int)
     for rnd in rounds:

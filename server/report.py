@@ -113,7 +113,8 @@ def _plot(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) ->
     ax.set_ylabel("Dice")
     ax.set_title("Dice by round")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "dice.png", dpi=110)
     plt.close(fig)

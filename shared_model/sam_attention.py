@@ -58,12 +58,7 @@ def use_sdpa_attention(image_encoder: nn.Module) -> int:
     Returns:
         The number of attention modules switched.
     """
-    count = 0
-    for module in image_encoder.modules():
-        if type(module) is Attention:
-            module.__class__ = SdpaAttention
-            count += 1
-    return count
+    return _swap_class(image_encoder, Attention, SdpaAttention)
 
 
 class CheckpointedBlock(Block):
@@ -90,9 +85,14 @@ def use_activation_checkpointing(image_encoder: nn.Module) -> int:
     Returns:
         The number of blocks switched.
     """
+    return _swap_class(image_encoder, Block, CheckpointedBlock)
+
+
+def _swap_class(root: nn.Module, old: type, new: type) -> int:
+    """Give every module of exactly class ``old`` under ``root`` the subclass ``new``; count them."""
     count = 0
-    for module in image_encoder.modules():
-        if type(module) is Block:
-            module.__class__ = CheckpointedBlock
+    for module in root.modules():
+        if type(module) is old:
+            module.__class__ = new
             count += 1
     return count

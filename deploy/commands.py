@@ -11,7 +11,6 @@ all use these builders, so what is documented is what was run.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path

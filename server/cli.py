@@ -114,8 +114,8 @@ def regenerate_report(run_dir: str | Path, checkpoint: str | None = None, data: 
         FileNotFoundError: The run folder, its ``metrics.jsonl`` or the checkpoint is missing.
         ValueError: ``metrics.jsonl`` holds no rows or a file is not valid JSON.
     """
-    from server.html_report import OVERLAY_EXAMPLES, write_html_report
-    from server.report import METRICS_NAME, SUMMARY_NAME, JsonLines, summarize, write_report
+    from server.html_report import OVERLAY_EXAMPLES, write_reports
+    from server.report import METRICS_NAME, SUMMARY_NAME, JsonLines, summarize
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -141,13 +141,11 @@ def regenerate_report(run_dir: str | Path, checkpoint: str | None = None, data: 
         best_round = _best_round(rows)
         dice = {r["round"]: r.get("dice") for r in rows if r["kind"] == "global"}
         extra = {"best_dice": dice.get(best_round)}
-    md = write_report(run_dir, rows, best_round, extra)
     run_config = read_run_config(run_dir)
     n = OVERLAY_EXAMPLES if overlays is None else overlays
     grid, source, note = _overlays(run_dir, run_config, checkpoint, data, n, device)
-    html = write_html_report(run_dir, rows, summarize(rows, best_round, extra), run_config, grid,
-                             overlay_source=source, overlay_note=note)
-    return md, html
+    return write_reports(run_dir, rows, best_round, extra, run_config, grid, overlay_source=source,
+                         overlay_note=note)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -316,3 +316,16 @@ def write_html_report(run_dir: str | Path, rows: list[dict[str, Any]], summary: 
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def write_reports(run_dir: str | Path, rows: list[dict[str, Any]], best_round: int, extra: dict[str, Any],
+                  run_config: dict[str, Any], overlays: list[dict[str, Any]] | None, *,
+                  overlay_source: str = "", overlay_note: str | None = None) -> tuple[Path, Path]:
+    """Both reports of a run from one summary: ``report.md`` (+ ``summary.json``, plots) and ``report.html``."""
+    from server.report import summarize, write_report
+
+    summary = summarize(rows, best_round, extra)
+    md = write_report(run_dir, rows, best_round, extra, summary)
+    html = write_html_report(run_dir, rows, summary, run_config, overlays, overlay_source=overlay_source,
+                             overlay_note=overlay_note)
+    return md, html

@@ -26,7 +26,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from client.task import client_seed, train_metric_keys
 from client.wire import record_to_state, state_to_record
 from server.checkpoint import CHECKPOINT_NAME, ResumeError, ServerCheckpoint, check_resumable, load_checkpoint, save_checkpoint
-from server.report import AUDIT_NAME, METRICS_NAME, JsonLines, summarize, write_report
+from server.html_report import write_reports
+from server.report import AUDIT_NAME, METRICS_NAME, JsonLines
 from server.privacy import check_privacy_strategy, declined, privacy_summary, round_privacy, wrap_central_dp
 from server.strategy import GuardedStrategy, build_inner_strategy
 from shared_model.config import ConfigError, RunSettings
@@ -271,15 +272,16 @@ class FederatedServer:
         if ckpt.best_round >= 0 and self.test_set is not None:
             extra.update(self.test_report(OrderedDict(ckpt.best_state)))
         extra["privacy"] = privacy_summary(self.settings, ckpt.history, self.strategy.inner)
-        report = write_report(self.run_dir, ckpt.history, ckpt.best_round, extra)
-        html = self._html_report(ckpt, summarize(ckpt.history, ckpt.best_round, extra))
+        overlays, source = self._overlays(ckpt)
+        report, html = write_reports(self.run_dir, ckpt.history, ckpt.best_round, extra, self.run_config,
+                                     overlays, overlay_source=source)
         log.info("report: %s and %s", report, html)
         return report
 
-    def _html_report(self, ckpt: ServerCheckpoint, summary: dict[str, Any]) -> Path:
-        """``report.html`` with prediction overlays of the best (else final) state on the test
-        split (else the evaluation set; none without server-side evaluation data)."""
-        from server.html_report import OVERLAY_EXAMPLES, overlay_examples, write_html_report
+    def _overlays(self, ckpt: ServerCheckpoint) -> tuple[list[dict[str, Any]] | None, str]:
+        """Prediction overlays of the best (else final) state on the test split (else the
+        evaluation set; none without server-side evaluation data), and where they come from."""
+        from server.html_report import OVERLAY_EXAMPLES, overlay_examples
 
         dataset = self.test_set if self.test_set is not None else self.eval_set
         overlays, source = None, ""
@@ -290,8 +292,7 @@ class FederatedServer:
             source = (f"{'Best' if best else 'Final'} state (round {ckpt.best_round if best else ckpt.round}) on "
                       f"{len(overlays)} of the {len(dataset)} images of the "
                       f"{'test split' if self.test_set is not None else 'evaluation set'}.")
-        return write_html_report(self.run_dir, ckpt.history, summary, self.run_config, overlays,
-                                 overlay_source=source)
+        return overlays, source
 
 
 def _dataset(settings: RunSettings, samples: list, image_size: int | None = None):

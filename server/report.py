@@ -167,10 +167,13 @@ def _privacy_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: int,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write ``summary.json``, the plots and ``report.md`` into ``run_dir``; return the report's path."""
+                 extra: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> Path:
+    """Write ``summary.json``, the plots and ``report.md`` into ``run_dir``; return the report's path.
+
+    ``summary`` is :func:`summarize` of the same arguments when the caller already has it.
+    """
     run_dir = Path(run_dir)
-    summary = summarize(rows, best_round, extra)
+    summary = summarize(rows, best_round, extra) if summary is None else summary
     (run_dir / SUMMARY_NAME).write_text(json.dumps(_clean(summary), indent=2, sort_keys=True))
     plots = _plot(summary, rows, run_dir)
     g = summary["global"]

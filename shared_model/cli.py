@@ -19,7 +19,6 @@ from .config import (
     DataConfig,
     PRESETS,
     SiteExperiment,
-    TrainConfig,
     get_preset,
     load_yaml,
     site_experiment_from_dict,
@@ -59,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = build_datasets(exp.data, exp.model.sam.image_size)
-    print(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
+    print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
     model = build_model(exp.model)
     result = train_model(model, splits["train"], exp.train, device=args.device)
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.loss:.4f}", flush=True)

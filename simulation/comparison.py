@@ -150,18 +150,19 @@ def plan(cfg: CompareConfig, centres: list[str]) -> list[Job]:
 # -- training ----------------------------------------------------------------------------------
 
 
-def _datasets(exp: Experiment, centres: list[str], seed: int):
-    """Pooled train and test sets of ``centres`` (the run's seeded per-centre split)."""
+def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0):
+    """The ``split`` ("train" or "test") of ``centres``, pooled (the run's seeded per-centre split).
+
+    Only the training split is augmented (if the data config says so).
+    """
     from shared_model.data.folder import PolypDataset
     from simulation.partition import hospital_splits
 
     data = replace(exp.data, centres=list(centres))
-    sites = hospital_splits(data, exp.partition, len(centres))
-    size = model_config_from_dict(exp.model).sam.image_size
-    common = dict(prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
-    train = PolypDataset([s for site in sites for s in site.train], size, augment=data.augment, seed=seed, **common)
-    test = PolypDataset([s for site in sites for s in site.test], size, augment=False, **common)
-    return train, test
+    samples = [s for site in hospital_splits(data, exp.partition, len(centres)) for s in getattr(site, split)]
+    return PolypDataset(samples, model_config_from_dict(exp.model).sam.image_size,
+                        augment=data.augment and split == "train", seed=seed, prompt_mode=data.prompt_mode,
+                        class_name=data.class_name, on_error=data.on_error)
 
 
 def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int
     from shared_model.model import build_model
     from shared_model.train import train_model
 
-    train, _ = _datasets(exp, centres, seed)
+    train = _dataset(exp, centres, "train", seed)
     model = build_model(model_config_from_dict(exp.model))
     cfg = replace(exp.train, steps=steps, seed=seed, progress=False, proximal_mu=0.0)
     result = train_model(model, train, cfg, device=exp.federation.device)
@@ -212,7 +213,7 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, centres: list[str]) ->
     from shared_model.evaluate import evaluate_model
 
     model, _ = load_model_checkpoint(checkpoint)
-    _, test = _datasets(exp, centres, 0)
+    test = _dataset(exp, centres, "test")
     result = evaluate_model(model, test, device=exp.federation.device,
                             batch_size=exp.federation.eval_batch_size)
     keys = ("dice", "iou", "hd95")
@@ -307,7 +308,7 @@ def prompt_style_results(exp: Experiment, jobs: dict[str, Any], cfg: CompareConf
 
     key = Job("all", cfg.prompt_model, centres, cfg.seeds[0]).key
     model, _ = load_model_checkpoint(jobs[key]["checkpoint"])
-    _, test = _datasets(exp, centres, 0)
+    test = _dataset(exp, centres, "test")
     styles = evaluate_prompt_styles(model, test, device=exp.federation.device,
                                     batch_size=exp.federation.eval_batch_size)
     return {"model": key, "styles": styles}

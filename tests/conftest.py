@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -21,6 +22,15 @@ from shared_model.data.synthetic import generate_dataset  # noqa: E402
 SYNTHETIC_CENTRES = ("centre_0", "centre_1", "centre_2")
 SYNTHETIC_PER_CENTRE = 8
 SYNTHETIC_SIZE = 64
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (federation tests are many small ops; 2 cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from client.app import BUDGET_EXHAUSTED, app as client_app
 from client.task import hospital_privacy, parse_node_config, read_ledger
@@ -18,13 +17,6 @@ from simulation.inprocess import InProcessGrid
 
 DEMO = PROJECT_ROOT / "simulation" / "configs" / "demo.yaml"
 
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_epsilon_accumulates_across_rounds_and_a_spent_hospital_declines(tmp_path, one_thread):

@@ -15,7 +15,6 @@ from flwr.supercore.privacy_accounting import (
     PrivacyConfig as FlowerPrivacyConfig,
     SamplingMethod,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.wire import record_to_state, state_to_record
 from server.privacy import (
@@ -28,24 +27,14 @@ from server.privacy import (
 )
 from server.strategy import GuardedStrategy, build_inner_strategy
 from shared_model.config import ConfigError, FederationConfig, PartitionConfig, PrivacyConfig, from_run_config
+from server_helpers import FakeGrid
 
 ORDERS = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
 SHAPES = OrderedDict([("w", (3,)), ("b", (1,))])
 GLOBAL = OrderedDict([("w", torch.zeros(3)), ("b", torch.zeros(1))])
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-
-@pytest.fixture(autouse=True)
-def identity(monkeypatch):
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+pytestmark = pytest.mark.usefixtures("fixed_task_identity")
 
 
 def gaussian_epsilon(z: float, releases: int, delta: float) -> float:

@@ -87,13 +87,6 @@ ONE_ROUND = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_secagg_round_matches_the_plain_round_within_quantisation(tmp_path, one_thread):
     seen = []

@@ -8,29 +8,18 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.task import TRAIN_METRIC_KEYS
 from client.wire import record_to_state, state_to_record
 from server.strategy import GuardedStrategy, build_inner_strategy
 from shared_model.config import FederationConfig
+from server_helpers import FakeGrid
 
 SHAPES = OrderedDict([("w", (2,)), ("b", (1,))])
 GLOBAL = OrderedDict([("w", torch.tensor([1.0, 1.0])), ("b", torch.tensor([0.0]))])
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-
-@pytest.fixture(autouse=True)
-def identity(monkeypatch):
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+pytestmark = pytest.mark.usefixtures("fixed_task_identity")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from shared_model.bench import plain_forward, plain_recipe, sam_path_forward

@@ -3,20 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from shared_model.cli import main
 from shared_model.config import get_preset
 from shared_model.exchange import state_numel, get_exchanged_state
 from shared_model.model import build_model
 
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_round_prints_costs_as_json(one_thread, capsys):

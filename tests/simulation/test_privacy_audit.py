@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
@@ -29,13 +28,6 @@ DEMO = PROJECT_ROOT / "simulation" / "configs" / "demo.yaml"
 NPY_HEADER = 128  # numpy's .npy header of one float array (Flower's Array serialisation)
 BYTES = {"float32": 4, "bfloat16": 2}
 
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("variant", ["plain", "local-dp"])

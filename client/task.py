@@ -221,6 +221,10 @@ def train_round(
 ) -> TrainOutcome:
     """Load the global state, train ``local-steps`` steps, validate locally, return the delta.
 
+    The learning rate follows the run's one schedule (warm-up once, then cosine decay over
+    ``num-server-rounds`` x ``local-steps`` steps): the round's position in it is a function of
+    ``server_round``, which the server sends with every train message.
+
     Args:
         model: A model built from ``settings.model`` (its frozen weights match the server's).
         global_state: The received exchanged state (name -> float32 tensor).
@@ -239,9 +243,10 @@ def train_round(
             its epsilon budget (nothing is trained).
     """
     from shared_model.evaluate import evaluate_model
-    from shared_model.train import train_model
+    from shared_model.train import LRSchedule, train_model
 
     fed = settings.federation
+    schedule = LRSchedule.federated(server_round, fed.local_steps, fed.num_server_rounds)
     seed = client_seed(fed.seed, server_round, partition_id)
     torch.manual_seed(seed)
     set_exchanged_state(model, global_state)
@@ -254,10 +259,10 @@ def train_round(
 
         result, privacy_state, epsilon = train_model_dp(
             model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
-            proximal_reference=reference, optimizer_state=optimizer_state)
+            proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     else:
         result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
-                             proximal_reference=reference, optimizer_state=optimizer_state)
+                             proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     delta = state_delta(get_exchanged_state(model), global_state)
     # Under local DP the loss and the local Dice are statistics of the private data that the DP
     # guarantee does not cover: not released unless privacy-release-metrics is set.

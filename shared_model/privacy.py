@@ -56,7 +56,7 @@ from .dp_accounting import (  # noqa: F401 - re-exported: the accounting API liv
     would_exceed_budget,
 )
 from .model import PromptSAM, PromptSAMOutput, build_model
-from .train import TrainResult, autocast_for, resolve_device, warmup_cosine
+from .train import LRSchedule, TrainResult, autocast_for, resolve_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +156,7 @@ def train_model_dp(
     proximal_reference: Mapping[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    schedule: LRSchedule | None = None,
 ) -> tuple[TrainResult, AccountantState, float]:
     """DP-SGD (Poisson sampling, per-example clipping, Gaussian noise) with AdamW, cumulative accounting.
 
@@ -172,6 +173,8 @@ def train_model_dp(
             ``cfg.proximal_mu > 0``); its gradient needs no data and is added after the noise.
         optimizer_state: AdamW state from a previous call to continue from.
         on_step: Optional callback ``(step, log)`` after each step.
+        schedule: Position of this call in the run's learning-rate schedule (see
+            :class:`shared_model.train.LRSchedule`).
 
     Returns:
         (TrainResult, the new accountant state, cumulative epsilon at ``dp.delta``).
@@ -210,7 +213,7 @@ def train_model_dp(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, steps))
+    scheduler = (schedule or LRSchedule()).scheduler(optimizer, cfg.warmup_steps, steps)
     dp_optimizer = DPOptimizer(
         optimizer, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
         expected_batch_size=cfg.batch_size, generator=_generator(dp.noise_seed),
@@ -238,6 +241,7 @@ def train_model_dp(
                 model, batch["image"].to(device), batch["mask"].to(device), list(batch["text"]),
                 dp.grad_sample_mode, cfg.amp,
             )
+        lr = optimizer.param_groups[0]["lr"]
         for p, g in zip(params, grad_samples.values()):
             p.grad_sample = g.to(p.dtype)
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grad_samples.values()], 1).norm(dim=1)
@@ -253,7 +257,7 @@ def train_model_dp(
         accountant.step(noise_multiplier=sigma, sample_rate=q)
         taken += 1
         log = {k: statistics.fmean(d[k] for d in logs) for k in logs[0]} if logs else {}
-        log.update(batch_size=float(len(indices)), clipped=float((norms > dp.max_grad_norm).float().mean()) if len(norms) else 0.0)
+        log.update(lr=lr, batch_size=float(len(indices)), clipped=float((norms > dp.max_grad_norm).float().mean()) if len(norms) else 0.0)
         history.append(log)
         if on_step is not None:
             on_step(step, log)

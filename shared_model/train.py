@@ -25,7 +25,7 @@ class TrainResult:
         num_examples: Images seen (steps x batch size).
         seconds: Wall-clock time.
         optimizer_state: AdamW state dict (to carry across federated rounds), or None.
-        history: Per-step dicts of the loss parts.
+        history: Per-step dicts of the loss parts and the step's learning rate (``lr``).
     """
 
     loss: float
@@ -49,6 +49,38 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Where one call's steps sit in the run's single warm-up + cosine learning-rate schedule.
+
+    A single-site run is one call (``LRSchedule()``). A federated run is one schedule over all
+    rounds: round ``r`` of ``R`` with ``n`` local steps takes global steps ``(r - 1) n .. r n - 1``
+    of ``R n``, so the warm-up happens once, at the start of the run, and the learning rate decays
+    across rounds instead of restarting every round (:meth:`federated`).
+
+    Attributes:
+        offset: Optimiser steps of the run taken before this call.
+        total: Optimiser steps of the whole run (0: the call's own steps).
+    """
+
+    offset: int = 0
+    total: int = 0
+
+    @classmethod
+    def federated(cls, server_round: int, local_steps: int, num_rounds: int) -> "LRSchedule":
+        """The schedule of round ``server_round`` (1-based) of ``num_rounds`` x ``local_steps``;
+        rounds past ``num_rounds`` (a run extended on resume) stay at the final learning rate."""
+        return cls(offset=(max(server_round, 1) - 1) * local_steps, total=max(num_rounds, 1) * local_steps)
+
+    def multiplier(self, step: int, warmup: int, steps: int) -> float:
+        """LR multiplier of the call's ``step`` (0-based) when the call takes ``steps`` steps."""
+        return warmup_cosine(self.offset + step, warmup, self.total or steps)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """A ``LambdaLR`` following this schedule from the call's first step."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.multiplier(s, warmup, steps))
 
 
 def infinite_batches(loader: DataLoader, first_epoch: int = 0) -> Iterator[dict]:
@@ -104,6 +136,7 @@ def train_model(
     proximal_reference: Mapping[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    schedule: LRSchedule | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters with AdamW.
 
@@ -117,6 +150,8 @@ def train_model(
             ``cfg.proximal_mu > 0``).
         optimizer_state: AdamW state from a previous call to continue from.
         on_step: Optional callback ``(step, parts)`` after each step.
+        schedule: Position of this call in the run's learning-rate schedule (default: the
+            call is the whole run: warm-up, then cosine decay over ``steps``).
 
     Returns:
         :class:`TrainResult`.
@@ -132,9 +167,7 @@ def train_model(
     )
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, steps)
-    )
+    scheduler = (schedule or LRSchedule()).scheduler(optimizer, cfg.warmup_steps, steps)
     loader = make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.num_workers)
     batches = infinite_batches(loader, first_epoch=cfg.seed)
     use_prox = proximal_reference is not None and cfg.proximal_mu > 0
@@ -154,6 +187,7 @@ def train_model(
             prox = proximal_term(model, proximal_reference, cfg.proximal_mu)
             loss = loss + prox
             parts["proximal"] = float(prox.detach())
+        parts["lr"] = optimizer.param_groups[0]["lr"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")
         optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from shared_model.data import build_datasets
 from shared_model.evaluate import evaluate_model
 from shared_model.exchange import get_exchanged_state
 from shared_model.model import build_model
-from shared_model.train import train_model, warmup_cosine
+from shared_model.train import LRSchedule, train_model, warmup_cosine
 
 import pytest
 
@@ -127,3 +127,25 @@ def test_constant_mask_baseline_hand_computed():
     assert out["threshold"] == 0.5  # the left half: train dice (1 + 1 + 2*16/(32+16)) / 3
     assert out["train_dice"] == pytest.approx((2 + 2 / 3) / 3)
     assert out["dice"] == pytest.approx(1.0) and out["n"] == 1
+
+
+def test_federated_schedule_is_one_schedule_over_the_run():
+    rounds, local, warmup = 4, 5, 3
+    whole = [LRSchedule().multiplier(s, warmup, rounds * local) for s in range(rounds * local)]
+    pieced = [LRSchedule.federated(r, local, rounds).multiplier(s, warmup, local)
+              for r in range(1, rounds + 1) for s in range(local)]
+    assert pieced == pytest.approx(whole)
+    # The warm-up happens once: no round after the first starts below the previous round's end.
+    starts = [LRSchedule.federated(r, local, rounds).multiplier(0, warmup, local) for r in range(1, rounds + 1)]
+    assert starts[0] < starts[1] and starts[1:] == sorted(starts[1:], reverse=True)
+    # A resumed run past the planned rounds stays at the floor instead of failing.
+    assert LRSchedule.federated(rounds + 2, local, rounds).multiplier(0, warmup, local) == pytest.approx(0.1)
+
+
+def test_train_model_follows_the_given_schedule(synthetic_root):
+    splits = build_datasets(DataConfig(root=str(synthetic_root), val_fraction=0.0, test_fraction=0.0), 128)
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=4, progress=False)
+    schedule = LRSchedule.federated(2, 3, 3)  # global steps 3..5 of 9
+    result = train_model(build_model("tiny"), splits["train"], cfg, schedule=schedule)
+    expected = [1e-3 * warmup_cosine(3 + s, 4, 9) for s in range(3)]
+    assert [h["lr"] for h in result.history] == pytest.approx(expected)

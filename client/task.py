@@ -264,8 +264,9 @@ def train_round(
         result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
                              proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     delta = state_delta(get_exchanged_state(model), global_state)
-    # Under local DP the loss and the local Dice are statistics of the private data that the DP
-    # guarantee does not cover: not released unless privacy-release-metrics is set.
+    # Under local DP the loss, the local Dice and the training time (it follows the Poisson-sampled
+    # batch sizes) are statistics of the private data that the DP guarantee does not cover: not
+    # released unless privacy-release-metrics is set.
     release = not local_dp or privacy.release_metrics
     val_dice = float("nan")
     if data.val is not None and release:
@@ -275,7 +276,7 @@ def train_round(
         "partition-id": partition_id,
         "train-loss": _finite(result.loss) if release else float("nan"),
         "train-steps": result.steps,
-        "train-seconds": result.seconds,
+        "train-seconds": result.seconds if release else float("nan"),
         "val-dice": _finite(val_dice),
     }
     if local_dp:

@@ -16,19 +16,73 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import losses as L
+from .bench_record import ratio_range, spread
 from .config import ModelConfig, SamConfig, get_preset, merge
 from .model import build_model
 from .sam import SamParts, build_sam_parts
 
 
-def plain_recipe(cfg: SamConfig) -> SamParts:
-    """SAM as the plain SAMed recipe trains it (original attention, whole decoder trainable)."""
-    parts = SamParts(replace(cfg, attention="sam", decoder_mode="train", lora_rank=4, lora_alpha=4.0,
-                             lora_targets=["qkv"], lora_blocks=[]))
+def plain_recipe(cfg: SamConfig, adapters: bool = True) -> SamParts:
+    """SAM as the plain SAMed recipe trains it (original attention, whole decoder trainable).
+
+    With ``adapters=False`` the weights are loaded (``cfg.checkpoint``) but no LoRA is added yet;
+    call :func:`adapt_plain` after copying them elsewhere.
+    """
+    parts = build_sam_parts(replace(cfg, attention="sam", decoder_mode="train", lora_rank=4, lora_alpha=4.0,
+                                    lora_targets=["qkv"], lora_blocks=[]), adapters=False)
+    return adapt_plain(parts) if adapters else parts
+
+
+def adapt_plain(parts: SamParts) -> SamParts:
+    """Add the plain recipe's adapters: LoRA on every ``qkv``, prompt encoder and decoder trainable."""
     parts.add_adapters()
     parts.prompt_encoder.requires_grad_(True)
     parts.mask_decoder.requires_grad_(True)
     return parts
+
+
+def copy_adapters(src: SamParts, dst: SamParts) -> None:
+    """Copy every LoRA tensor of ``src`` into ``dst``, strictly.
+
+    Adapters only ``dst`` has (e.g. its decoder LoRA) keep their initialisation: LoRA's B starts
+    at zero, so they do not change what ``dst`` computes.
+
+    Raises:
+        ValueError: If a LoRA tensor of ``src`` is missing from ``dst`` or has another shape (names them).
+    """
+    mine = dst.state_dict()
+    theirs = {k: v for k, v in src.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    missing = sorted(k for k in theirs if k not in mine)
+    mismatched = sorted(f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in theirs.items()
+                        if k in mine and v.shape != mine[k].shape)
+    if missing or mismatched:
+        raise ValueError(f"copy_adapters: LoRA tensors missing from the target {missing[:5]} ({len(missing)}), "
+                         f"shape-mismatched {mismatched[:5]} ({len(mismatched)})")
+    dst.load_state_dict({**mine, **theirs}, strict=True)
+
+
+def paired_sam_paths(cfg: SamConfig, plain_cfg: SamConfig | None = None) -> tuple[SamParts, SamParts]:
+    """The plain recipe and this project's SAM path (``build_sam_parts(cfg)``) with the same weights.
+
+    Every base weight is copied with a strict ``load_state_dict`` before either model gets its
+    adapters (peft renames the adapted layers' weights to ``...base_layer...``), then the plain
+    recipe's LoRA tensors are copied with :func:`copy_adapters`: both compute the same function.
+
+    Args:
+        cfg: This project's SAM configuration.
+        plain_cfg: The plain recipe's base configuration (default ``cfg``); its attention,
+            adapters and decoder mode are the recipe's own.
+
+    Returns:
+        ``(plain, ours)``.
+    """
+    plain = plain_recipe(plain_cfg or cfg, adapters=False)
+    ours = SamParts(cfg)
+    ours.load_state_dict(plain.state_dict(), strict=True)
+    ours.add_adapters()
+    adapt_plain(plain)
+    copy_adapters(plain, ours)
+    return plain, ours
 
 
 def plain_forward(parts: SamParts, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -64,17 +118,22 @@ def sam_path_forward(parts: SamParts, images: torch.Tensor, boxes: torch.Tensor)
     return parts.upscale(low, images.shape[-2:])
 
 
-def _timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+def _timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device
+                 ) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of each of ``steps`` timed steps after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = [], []
     for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return wall, cpu
 
 
 def _measure(name: str, module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], fused: bool,
@@ -92,12 +151,15 @@ def _measure(name: str, module: torch.nn.Module, loss_fn: Callable[[], torch.Ten
     flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _timed_steps(step, steps, warmup, device)
+    times, cpu_times = _timed_steps(step, steps, warmup, device)
+    seconds = spread(times)["median"]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "name": name,
         "images_per_s": batch / seconds,
         "step_ms": seconds * 1000,
+        "step_seconds": spread(times),
+        "step_cpu_seconds": spread(cpu_times),
         "peak_gpu_gib": peak,
         "gflop_per_step": flops / 1e9,
         "achieved_tflops": flops / seconds / 1e12,
@@ -119,11 +181,22 @@ def bench_step(
 ) -> dict:
     """Time one local training step three ways on the same batch.
 
+    Each way runs one untimed step that counts FLOPs, ``warmup`` untimed steps, then ``steps``
+    timed repeats; ``images_per_s`` and ``step_ms`` are from their median wall time. Each repeat's
+    process CPU time is recorded too: on a shared, loaded CPU it varies less than wall time (it
+    does not count waiting for a core), so it compares the ways' work where wall time cannot.
+
     Returns:
         JSON-able dict: environment, ``plain`` (SAMed recipe), ``sam_path`` (ours, SAM only),
-        ``full`` (BiomedCLIP + M2IB + CRF + SAM), and the ratios ``sam_path_vs_plain`` and
-        ``full_vs_sam_path`` (images/s), plus ``max_abs_diff`` of the two SAM paths' logits.
+        ``full`` (BiomedCLIP + M2IB + CRF + SAM), each with ``step_seconds`` (median, min, max of
+        the repeats); the ratios ``sam_path_vs_plain`` and ``full_vs_sam_path`` (images/s, from
+        the medians) with ``*_range`` (the lowest and highest the repeats allow), the same from
+        CPU time as ``*_cpu`` and ``*_cpu_range``; and
+        ``max_abs_diff_sam_paths`` of the two SAM paths' logits (same weights, see
+        :func:`paired_sam_paths`).
     """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench step: --steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     cfg: ModelConfig = get_preset(preset)
@@ -140,9 +213,8 @@ def bench_step(
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda")
 
     torch.manual_seed(seed)
-    plain = plain_recipe(replace(cfg.sam, activation_checkpointing=False)).to(dev)
-    ours = build_sam_parts(cfg.sam).to(dev)
-    ours.load_state_dict(plain.state_dict(), strict=False)
+    plain, ours = paired_sam_paths(cfg.sam, replace(cfg.sam, activation_checkpointing=False))
+    plain, ours = plain.to(dev), ours.to(dev)
     with torch.no_grad(), autocast:
         diff = (plain_forward(plain, images, boxes).float() - sam_path_forward(ours, images, boxes).float()).abs().max()
     if compile_encoder:
@@ -169,6 +241,8 @@ def bench_step(
         "compiled_encoder": compile_encoder,
         "activation_checkpointing": activation_checkpointing,
         "max_abs_diff_sam_paths": float(diff),
+        "warmup": warmup,
+        "repeats": steps,
     }
     results["plain"] = _measure("plain SAMed recipe", plain, plain_loss, False, steps, warmup, dev, batch_size)
     del plain
@@ -186,6 +260,12 @@ def bench_step(
     results["full"] = _measure("full pipeline", model, full_loss, True, steps, warmup, dev, batch_size)
     results["sam_path_vs_plain"] = results["sam_path"]["images_per_s"] / results["plain"]["images_per_s"]
     results["full_vs_sam_path"] = results["full"]["images_per_s"] / results["sam_path"]["images_per_s"]
+    # An images/s ratio a / b is b's step time over a's.
+    for ratio, (a, b) in {"sam_path_vs_plain": ("sam_path", "plain"), "full_vs_sam_path": ("full", "sam_path")}.items():
+        results[f"{ratio}_range"] = ratio_range(results[b]["step_seconds"], results[a]["step_seconds"])
+        cpu_a, cpu_b = results[a]["step_cpu_seconds"], results[b]["step_cpu_seconds"]
+        results[f"{ratio}_cpu"] = cpu_b["median"] / cpu_a["median"]
+        results[f"{ratio}_cpu_range"] = ratio_range(cpu_b, cpu_a)
     return results
 
 

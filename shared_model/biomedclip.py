@@ -283,7 +283,8 @@ def load_biomedclip(folder: str | Path, vision: ClipVision, text: ClipText) -> N
         raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(errors))
     for prefix, mod in parts.items():
         sub = {mk: state[prefix + ck] for ck, mk in _base_names(mod).items()}
-        mod.load_state_dict(sub, strict=False)
+        # Adapters (LoRA, ``ctx``) are not in the file: they keep their own values; every key is loaded.
+        mod.load_state_dict({**mod.state_dict(), **sub}, strict=True)
 
 
 def _base_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

@@ -174,7 +174,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench_step(args: argparse.Namespace) -> int:
     from .bench import bench_step
+    from .bench_record import bench_record, load_average, write_bench_record
 
+    load_start = load_average()
+    results = []
     for size in args.image_size or [None]:
         result = bench_step(
             preset=args.preset,
@@ -187,6 +190,9 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
             activation_checkpointing=args.checkpointing,
         )
         print(json.dumps(result, indent=2), flush=True)
+        results.append(result)
+    if args.out:
+        write_bench_record(args.out, bench_record(args.argv, args.warmup, results, load_start))
     return 0
 
 
@@ -208,11 +214,16 @@ def torch_dtype(name: str):
 
 
 def cmd_bench_dp(args: argparse.Namespace) -> int:
+    from .bench_record import bench_record, load_average, write_bench_record
     from .privacy import bench_dp_step, format_bench
 
-    result = bench_dp_step(args.preset, batch_size=args.batch, steps=args.steps, device=args.device)
+    load_start = load_average()
+    result = bench_dp_step(args.preset, batch_size=args.batch, steps=args.steps, device=args.device,
+                           warmup=args.warmup)
     print(format_bench(result), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2), flush=True)
+    if args.out:
+        write_bench_record(args.out, bench_record(args.argv, args.warmup, [result], load_start))
     return 0
 
 
@@ -294,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     b.add_argument("--image-size", type=int, nargs="*", help="e.g. 512 1024 (default: the preset's)")
     b.add_argument("--batch", type=int, default=4)
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--steps", type=int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps before the repeats")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
     b.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the SAM encoder blocks (this project's paths)")
@@ -313,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(b)
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--steps", type=int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed steps before the repeats")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.set_defaults(func=cmd_bench_dp)
     BENCH_SUBPARSERS.append(bench)
 
@@ -330,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by the benchmarks' --out
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

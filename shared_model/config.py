@@ -697,8 +697,9 @@ class PrivacyConfig:
     # Seed of the noise and of Poisson sampling; -1 = OS entropy. A fixed seed lets anyone who
     # knows it remove the noise: for tests only.
     noise_seed: int = -1
-    # Under local DP, train replies carry NaN for train-loss / val-dice (statistics of the private
-    # data outside the DP guarantee) unless this is true.
+    # Under local DP, train replies carry NaN for train-loss / val-dice / train-seconds (statistics
+    # of the private data outside the DP guarantee; the time follows the sampled batch sizes) unless
+    # this is true.
     release_metrics: bool = False
 
     # Central DP on the server: Flower's DP wrappers around FedAvg / FedProx; hospital-level.

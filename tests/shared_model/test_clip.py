@@ -230,8 +230,12 @@ def test_folder_round_trip(tmp_path, towers):
         assert torch.equal(tok2(CAPTIONS)[0], ids)
         assert torch.equal(text2(ids, mask), text(ids, mask))
         assert torch.equal(vision2(img), plain(img))
-        # Loading after LoRA injection maps peft's base_layer names back; with B = 0 LoRA is the identity.
+        # Loading after LoRA injection maps peft's base_layer names back and leaves the adapters as
+        # they were (the file has none); with B = 0 LoRA is the identity.
+        adapters = {k: v.clone() for k, v in vision.state_dict().items() if "lora_" in k}
+        assert adapters and any(v.any() for k, v in adapters.items() if "lora_B" in k)
         load_biomedclip(folder, vision, text)
+        assert all(torch.equal(vision.state_dict()[k], v) for k, v in adapters.items())
         for name, p in vision.named_parameters():
             if "lora_B" in name:
                 p.zero_()

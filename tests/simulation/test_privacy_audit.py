@@ -73,6 +73,9 @@ def test_replies_hold_only_the_exchanged_tensors_and_metrics(tmp_path, one_threa
             kinds["train"] += 1
             (arrays,) = content.array_records.values()
             assert set(metrics.keys()) == train_keys
+            # Statistics of the private data (and a timing side channel) stay home under local DP.
+            withheld = [k for k in ("train-loss", "val-dice", "train-seconds") if math.isnan(metrics[k])]
+            assert withheld == ([] if variant == "plain" else ["train-loss", "val-dice", "train-seconds"])
             assert set(arrays.keys()) == set(exchanged)  # no frozen weight, no image, no mask
             payload = 0
             for name, array in arrays.items():

@@ -25,6 +25,7 @@ says so, a warning when the text tower has a BiomedBERT-size embedding table (th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import open_clip
 import timm
@@ -60,6 +61,18 @@ _BERT_KEYS = {
     "intermediate_size": "intermediate_size",
     "max_position_embeddings": "max_position_embeddings",
 }
+
+
+@contextlib.contextmanager
+def _open_clip_logs_from(level: int) -> Iterator[None]:
+    """Drop open_clip's log records below ``level`` (it logs every step of a build on the root logger)."""
+    package = str(Path(open_clip.__file__).parent)
+    keep = lambda record: record.levelno >= level or not record.pathname.startswith(package)  # noqa: E731
+    logging.getLogger().addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(keep)
 
 
 class CheckpointError(ValueError):
@@ -96,6 +109,7 @@ def _timm_vit(v: ClipVisionConfig) -> str:
                                         pretrained_cfg=pretrained_cfg or {"architecture": name}, **sizes, **kwargs)
 
         entry.__name__ = entry.__qualname__ = name
+        entry.__module__ = VisionTransformer.__module__  # timm lists the name in that module's __all__
         register_model(entry)
     return name
 
@@ -229,12 +243,15 @@ def create_open_clip(cfg: ClipConfig) -> tuple[nn.Module, HFTokenizer, Path]:
                    "vocabulary (%s), not BiomedBERT's, which comes with a BiomedCLIP folder", folder / "vocab.txt")
     bert_dir = folder if (folder / "config.json").is_file() else _write_folder({"config.json": _bert_config(cfg.text)})
     text_cfg = _text_cfg(folder) | {"hf_model_name": str(bert_dir), "hf_model_pretrained": False}
-    try:
-        model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False, text_cfg=text_cfg)
-    except RuntimeError as err:
-        raise CheckpointError(f"{folder}: open_clip cannot load the checkpoint: {err}") from err
+    # open_clip's warnings that a preset folder has no weights say what the line above says.
+    with _open_clip_logs_from(logging.WARNING if cfg.checkpoint else logging.ERROR):
+        try:
+            model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False, text_cfg=text_cfg)
+        except RuntimeError as err:
+            raise CheckpointError(f"{folder}: open_clip cannot load the checkpoint: {err}") from err
+        context = cfg.text.context_length - cfg.text.n_ctx
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}", context_length=context)
     _check_matches(cfg, model, folder / CONFIG_NAME)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}", context_length=cfg.text.context_length - cfg.text.n_ctx)
     return model, tokenizer, folder
 
 

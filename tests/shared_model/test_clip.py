@@ -204,6 +204,14 @@ def test_tokenizer_vocab_must_fit_embedding_table():
         build_tokenizer(tiny(text={"vocab_size": 100}))
 
 
+def test_preset_build_logs_one_line(caplog):
+    """The tokenizer rule is logged; open_clip's step-by-step log of building a weightless folder is not."""
+    with caplog.at_level("INFO"):
+        build_clip(tiny())
+    assert [(r.name, r.levelname) for r in caplog.records] == [("shared_model.biomedclip", "INFO")]
+    assert "packaged tiny vocabulary" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ folders
 
 

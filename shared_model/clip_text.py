@@ -1,72 +1,35 @@
-"""BiomedCLIP text tower: BERT laid out like open_clip's ``HFTextEncoder``, plus CoOp context vectors.
+"""BiomedCLIP text tower: open_clip's ``HFTextEncoder`` (BERT, pooler, projection) plus CoOp context vectors.
 
-BiomedCLIP's text tower is ``HFTextEncoder`` with ``hf_proj_type="mlp"`` and
-``hf_pooler_type="cls_last_hidden_state_pooler"``: a transformers ``BertModel`` without its pooling
-layer (``transformer.*``), the last hidden state at [CLS], and
-``proj = Sequential(Linear(width, (width + embed) // 2), GELU, Linear(.., embed))`` without biases
-(``proj.0.weight``, ``proj.2.weight``). The BERT is built from an explicit ``BertConfig``, so nothing
-is downloaded.
-
-CoOp: ``ctx`` (n_ctx x width) learnable vectors are spliced into the input embeddings right after
-[CLS] ("[CLS] X X .. X text [SEP]"); BERT's position embeddings are then added to every position.
+:class:`ClipText` holds the ``transformer``, ``pooler`` and ``proj`` of the open_clip model's ``text`` tower
+(so the parameter names are open_clip's ``text.*`` without the prefix) and adds what open_clip lacks:
+``ctx`` (n_ctx x width) learnable vectors spliced into the input embeddings right after [CLS]
+("[CLS] X X .. X text [SEP]"; BERT's position embeddings are then added to every position), and LoRA.
 """
 
 from __future__ import annotations
 
 import torch
+from open_clip.hf_model import HFTextEncoder
 from torch import nn
-from transformers import BertConfig, BertModel
 
-from shared_model.config import ClipConfig, ClipTextConfig, ConfigError
+from shared_model.config import ClipConfig, ConfigError
 from shared_model.lora import add_lora, freeze, linear_names, unfreeze_lora
 
 
-def bert_config(t: ClipTextConfig) -> BertConfig:
-    """The transformers ``BertConfig`` for a text config (BERT defaults for everything not listed)."""
-    return BertConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.width,
-        num_hidden_layers=t.depth,
-        num_attention_heads=t.heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings,
-        pad_token_id=0,
-    )
-
-
 class ClipText(nn.Module):
-    """BERT text encoder with learnable context, CLS pooling and an MLP projection.
-
-    ``ClipText(cfg)`` builds the plain tower; load weights, then call :meth:`add_adapters`.
+    """BERT text encoder with learnable context, open_clip's pooling and projection.
 
     Args:
-        cfg: The CLIP config (``cfg.text`` sizes and adapters, ``cfg.embed_dim``).
+        text: The ``text`` tower of an open_clip model built for ``cfg`` (see
+            :func:`shared_model.biomedclip.create_open_clip`); its modules are shared, not copied.
+        cfg: The CLIP config (``cfg.text`` sizes and adapters).
     """
 
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, text: HFTextEncoder, cfg: ClipConfig):
         super().__init__()
         t = cfg.text
-        if t.width % t.heads:
-            raise ConfigError(f"model.clip.text.width: {t.width} is not divisible by heads {t.heads}")
-        if t.context_length > t.max_position_embeddings:
-            raise ConfigError(
-                f"model.clip.text.context_length: {t.context_length} exceeds max_position_embeddings "
-                f"{t.max_position_embeddings}"
-            )
-        if not 0 <= t.n_ctx <= t.context_length - 2:
-            raise ConfigError(
-                f"model.clip.text.n_ctx: {t.n_ctx} must be in [0, context_length - 2 = {t.context_length - 2}]"
-            )
-        if not 0 <= t.lora_last_layers <= t.depth:
-            raise ConfigError(f"model.clip.text.lora_last_layers: {t.lora_last_layers} is outside [0, depth={t.depth}]")
         self.cfg = cfg
-        self.transformer = BertModel(bert_config(t), add_pooling_layer=False)
-        hidden = (t.width + cfg.embed_dim) // 2
-        self.proj = nn.Sequential(
-            nn.Linear(t.width, hidden, bias=False),
-            nn.GELU(),
-            nn.Linear(hidden, cfg.embed_dim, bias=False),
-        )
+        self.transformer, self.pooler, self.proj = text.transformer, text.pooler, text.proj
         if t.n_ctx > 0:
             self.ctx = nn.Parameter(torch.randn(t.n_ctx, t.width) * t.ctx_init_std)
         else:
@@ -129,7 +92,6 @@ class ClipText(nn.Module):
         if self.ctx is not None:
             ctx = self.ctx.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             embeds = torch.cat([embeds[:, :1], ctx, embeds[:, 1:]], dim=1)
-            ones = mask.new_ones(batch, self.n_ctx)
-            mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
-        hidden = self.transformer(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return self.proj(hidden[:, 0])
+            mask = torch.cat([mask[:, :1], mask.new_ones(batch, self.n_ctx), mask[:, 1:]], dim=1)
+        out = self.transformer(inputs_embeds=embeds, attention_mask=mask)
+        return self.proj(self.pooler(out, mask))

@@ -1,70 +1,36 @@
-"""BiomedCLIP vision tower: a timm ViT laid out like open_clip's ``TimmModel``.
+"""BiomedCLIP vision tower: open_clip's ``TimmModel`` (a timm ViT + linear head) with a split forward.
 
-BiomedCLIP's ``open_clip_config.json`` uses ``timm_model_name=vit_base_patch16_224``, ``timm_pool=""``
-and ``timm_proj="linear"``: open_clip then keeps timm's default token pooling (CLS after the final
-norm), drops timm's classifier and adds ``head = Sequential(drop, proj)`` with a bias-free
-``Linear(width, embed_dim)``. The parameter names here are the same (``trunk.*``, ``head.proj.weight``),
-so a checkpoint's ``visual.*`` entries load directly (see :mod:`shared_model.biomedclip`).
-
-The forward pass is split at a block index (``forward_to`` / ``forward_from``) so that an information
-bottleneck can act on the intermediate tokens.
+:class:`ClipVision` holds the ``trunk`` and ``head`` of the open_clip model's ``visual`` tower (so the
+parameter names are open_clip's ``visual.*`` without the prefix) and adds what open_clip lacks: the forward
+pass split at a block index (``forward_to`` / ``forward_from``), so that the information bottleneck can act
+on the intermediate tokens, tensor preprocessing, and LoRA.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from open_clip.timm_model import TimmModel
 from torch import nn
 
-from shared_model.config import ClipConfig, ConfigError
+from shared_model.config import ClipConfig
 from shared_model.lora import add_lora, freeze, linear_names, unfreeze_lora
 
 
 class ClipVision(nn.Module):
-    """ViT image encoder with a linear projection into the shared CLIP space.
-
-    ``ClipVision(cfg)`` builds the plain tower (all parameters trainable, as after construction of any
-    module); load weights, then call :meth:`add_adapters` to inject LoRA and freeze the rest.
+    """ViT image encoder with its projection into the shared CLIP space.
 
     Args:
-        cfg: The CLIP config (``cfg.vision`` sizes and adapters, ``cfg.embed_dim``).
+        visual: The ``visual`` tower of an open_clip model built for ``cfg`` (see
+            :func:`shared_model.biomedclip.create_open_clip`); its modules are shared, not copied.
+        cfg: The CLIP config (``cfg.vision`` image size, mean/std and adapters).
     """
 
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, visual: TimmModel, cfg: ClipConfig):
         super().__init__()
-        v = cfg.vision
-        if v.image_size % v.patch_size:
-            raise ConfigError(
-                f"model.clip.vision.image_size: {v.image_size} is not a multiple of patch_size {v.patch_size}"
-            )
-        if v.width % v.heads:
-            raise ConfigError(f"model.clip.vision.width: {v.width} is not divisible by heads {v.heads}")
-        for name in ("lora_last_blocks", "unfreeze_last_blocks"):
-            if not 0 <= getattr(v, name) <= v.depth:
-                raise ConfigError(
-                    f"model.clip.vision.{name}: {getattr(v, name)} is outside [0, depth={v.depth}]"
-                )
-        if len(v.mean) != 3 or len(v.std) != 3 or min(v.std) <= 0:
-            raise ConfigError("model.clip.vision.mean/std: expected 3 values each, std > 0")
         self.cfg = cfg
-        self.trunk = VisionTransformer(
-            img_size=v.image_size,
-            patch_size=v.patch_size,
-            embed_dim=v.width,
-            depth=v.depth,
-            num_heads=v.heads,
-            mlp_ratio=v.mlp_ratio,
-            qkv_bias=True,
-            class_token=True,
-            global_pool="token",
-            num_classes=0,
-        )
-        self.head = nn.Sequential(
-            OrderedDict(drop=nn.Dropout(0.0), proj=nn.Linear(v.width, cfg.embed_dim, bias=False))
-        )
+        self.trunk, self.head = visual.trunk, visual.head
+        v = cfg.vision
         self.register_buffer("mean", torch.tensor(v.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(v.std).view(1, 3, 1, 1), persistent=False)
         self.adapted = False
@@ -149,7 +115,7 @@ class ClipVision(nn.Module):
         return x
 
     def forward_from(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks ``layer ..``, final norm, [CLS] pooling and projection.
+        """Blocks ``layer ..``, final norm, timm's pooling and open_clip's projection head.
 
         Args:
             tokens: B x (1 + N) x D tokens as returned by ``forward_to(x, layer)``.

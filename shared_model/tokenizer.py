@@ -1,27 +1,24 @@
-"""WordPiece tokenizer for the BERT text tower.
+"""Tokenizer for the BERT text tower: open_clip's ``HFTokenizer``, plus the attention mask.
 
-With ``cfg.checkpoint`` set, the tokenizer files of that BiomedCLIP folder are used (``vocab.txt``,
-``tokenizer_config.json`` and/or ``tokenizer.json``, as written by transformers / the Hub). Otherwise the
-packaged ``assets/tiny_vocab.txt`` is used: a few hundred lowercase caption words plus single
-characters and ``##`` continuations, so that any text tokenises. :func:`tiny_vocab` regenerates it.
+The vocabulary is the one of the open_clip folder the model is built from (:mod:`shared_model.biomedclip`):
+a user's BiomedCLIP folder, or the folder written for a preset, which holds the packaged
+``assets/tiny_vocab.txt`` (a few hundred lowercase caption words plus single characters and ``##``
+continuations, so that any text tokenises; :func:`tiny_vocab` regenerates it).
 
-Tokens are ``[CLS] text [SEP]``, truncated to ``context_length - n_ctx`` (the learnable context
-vectors take the remaining positions) and padded to the longest text of the batch.
+Tokens are ``[CLS] text [SEP]``, truncated to ``context_length - n_ctx`` (the learnable context vectors
+take the remaining positions) and padded to the longest text of the batch.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import os
 import string
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+from open_clip.tokenizer import HFTokenizer
 
-from shared_model.config import ClipConfig, ConfigError
+from shared_model.config import ConfigError
 
 TINY_VOCAB_PATH = Path(__file__).resolve().parent / "assets" / "tiny_vocab.txt"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -50,43 +47,42 @@ def tiny_vocab() -> list[str]:
     """
     chars = list(string.ascii_lowercase) + list(string.digits) + list(string.punctuation)
     pieces = [f"##{c}" for c in string.ascii_lowercase + string.digits] + list(CONTINUATIONS)
-    out: list[str] = []
-    for tok in (*SPECIAL_TOKENS, *TINY_WORDS, *chars, *pieces):
-        if tok not in out:
-            out.append(tok)
-    return out
+    return list(dict.fromkeys((*SPECIAL_TOKENS, *TINY_WORDS, *chars, *pieces)))
 
 
-def _bert_tokenizer_from_vocab(path: Path) -> PreTrainedTokenizerBase:
-    """BertTokenizerFast from a plain ``vocab.txt``-style file (transformers 4.x and 5.x)."""
-    params = inspect.signature(BertTokenizerFast.__init__).parameters
-    key = "vocab" if "vocab" in params else "vocab_file"
-    return BertTokenizerFast(**{key: str(path)}, do_lower_case=True)
+def tiny_vocab_text() -> str:
+    """The packaged ``tiny_vocab.txt``; regenerated when absent (a Flower app bundle carries no .txt file)."""
+    return TINY_VOCAB_PATH.read_text() if TINY_VOCAB_PATH.is_file() else "\n".join(tiny_vocab()) + "\n"
 
 
 class Tokenizer:
-    """Callable text -> (input_ids, attention_mask) for :class:`shared_model.clip_text.ClipText`.
+    """Callable texts -> (input_ids, attention_mask) for :class:`shared_model.clip_text.ClipText`.
 
-    Attributes:
-        hf: The underlying transformers tokenizer.
-        max_length: Longest token sequence produced, [CLS] and [SEP] included.
-        source: File or folder the vocabulary came from.
+    Args:
+        open_clip_tokenizer: open_clip's tokenizer of the model's folder; its ``context_length`` is the
+            longest token sequence produced, [CLS] and [SEP] included.
+        vocab_size: The text tower's embedding rows (``model.clip.text.vocab_size``).
+        source: The folder the vocabulary came from (for messages).
+
+    Raises:
+        ConfigError: If the vocabulary is larger than ``vocab_size`` or no room is left for [CLS] and [SEP].
     """
 
-    def __init__(self, hf: PreTrainedTokenizerBase, max_length: int, vocab_size: int, source: Path):
-        if len(hf) > vocab_size:
+    def __init__(self, open_clip_tokenizer: HFTokenizer, vocab_size: int, source: Path):
+        self.open_clip = open_clip_tokenizer
+        self.hf = open_clip_tokenizer.tokenizer
+        self.max_length = int(open_clip_tokenizer.context_length)
+        self.source = source
+        if len(self.hf) > vocab_size:
             raise ConfigError(
-                f"model.clip.text.vocab_size: the tokenizer from {source} has {len(hf)} tokens, more than "
+                f"model.clip.text.vocab_size: the tokenizer from {source} has {len(self.hf)} tokens, more than "
                 f"the text tower's vocab_size {vocab_size}; ids would fall outside the embedding table"
             )
-        if max_length < 2:
+        if self.max_length < 2:
             raise ConfigError(
-                f"model.clip.text.context_length: context_length - n_ctx = {max_length} leaves no room "
+                f"model.clip.text.context_length: context_length - n_ctx = {self.max_length} leaves no room "
                 "for [CLS] and [SEP]"
             )
-        self.hf = hf
-        self.max_length = max_length
-        self.source = source
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -117,84 +113,13 @@ class Tokenizer:
             raise TypeError("Tokenizer expects a list of strings (wrap a single text in a list)")
         if len(texts) == 0:
             raise ValueError("Tokenizer got an empty list of texts")
-        enc = self.hf(
-            list(texts),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return enc["input_ids"].long(), enc["attention_mask"].long()
+        ids = self.open_clip(list(texts)).long()  # B x max_length, [PAD] after [SEP]
+        mask = (ids != self.pad_id).long()  # as open_clip's HFTextEncoder computes it
+        length = int(mask.sum(1).max())
+        return ids[:, :length], mask[:, :length]
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Token ids (one sequence) -> text, special tokens dropped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.hf.decode(ids, skip_special_tokens=True)
-
-    def save(self, folder: str | Path) -> None:
-        """Write ``vocab.txt`` and ``tokenizer_config.json`` (the BiomedCLIP folder layout)."""
-        folder = Path(folder)
-        vocab = sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1])
-        if [i for _, i in vocab] != list(range(len(vocab))):
-            raise ValueError(f"tokenizer from {self.source}: vocabulary ids are not contiguous")
-        (folder / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
-        config = {
-            "tokenizer_class": "BertTokenizer",
-            "do_lower_case": bool(getattr(self.hf, "do_lower_case", True)),
-            "model_max_length": self.max_length,
-            **{name: getattr(self.hf, name) for name in
-               ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")},
-        }
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_hf_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """The BERT tokenizer stored in a checkpoint folder (no download).
-
-    Raises:
-        FileNotFoundError: If the folder has neither ``vocab.txt`` nor ``tokenizer.json``.
-    """
-    folder = Path(folder)
-    if not (folder / "vocab.txt").is_file() and not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder}: no tokenizer files (vocab.txt or tokenizer.json) in the folder")
-    return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
-
-
-def _tiny_vocab_file() -> Path:
-    """The packaged tiny vocabulary, or the same list written to a temporary file when the asset is absent.
-
-    A Flower app bundle (FAB) carries only .py/.toml/.md/.yaml/.json files, so a ServerApp or ClientApp
-    run from a FAB in deployment has no ``assets/tiny_vocab.txt``.
-    """
-    if TINY_VOCAB_PATH.is_file():
-        return TINY_VOCAB_PATH
-    import hashlib
-    import tempfile
-
-    text = "\n".join(tiny_vocab()) + "\n"
-    path = Path(tempfile.gettempdir()) / f"promptsam-tiny-vocab-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
-    if not path.is_file() or path.read_text() != text:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return path
-
-
-def build_tokenizer(cfg: ClipConfig) -> Tokenizer:
-    """The tokenizer for ``cfg``: the checkpoint folder's files, else the packaged tiny vocabulary.
-
-    Raises:
-        ConfigError: If the vocabulary is larger than ``cfg.text.vocab_size`` or the context is too short.
-        FileNotFoundError: If the checkpoint folder or its tokenizer files are missing.
-    """
-    if cfg.checkpoint:
-        folder = Path(cfg.checkpoint)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model.clip.checkpoint: folder not found: {folder}")
-        hf, source = load_hf_tokenizer(folder), folder
-    else:
-        source = _tiny_vocab_file()
-        hf = _bert_tokenizer_from_vocab(source)
-    return Tokenizer(hf, cfg.text.context_length - cfg.text.n_ctx, cfg.text.vocab_size, source)

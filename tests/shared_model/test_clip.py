@@ -1,32 +1,37 @@
-"""BiomedCLIP towers, tokenizer and checkpoint folders (tiny preset; one base-size test)."""
+"""BiomedCLIP through open_clip: towers, tokenizer and checkpoint folders (tiny preset; one base-size test)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import shutil
 
+import open_clip
 import pytest
 import torch
 
-from shared_model.biomedclip import (
-    CheckpointError,
-    architecture,
-    build_clip,
-    clip_config_from_folder,
-    load_biomedclip,
-    save_biomedclip_folder,
-)
+from shared_model.biomedclip import CheckpointError, build_clip, create_open_clip, preset_folder
 from shared_model.clip_text import ClipText
 from shared_model.clip_vision import ClipVision
 from shared_model.config import ClipConfig, ConfigError, get_preset, merge
-from shared_model.tokenizer import TINY_VOCAB_PATH, build_tokenizer, tiny_vocab
+from shared_model.tokenizer import TINY_VOCAB_PATH, Tokenizer, tiny_vocab
 
 CAPTIONS = ["one small pink round polyp, located in the left of the image", "two large polyps"]
 
 
 def tiny(**overrides) -> ClipConfig:
     return merge(get_preset("tiny").clip, overrides, "model.clip") if overrides else get_preset("tiny").clip
+
+
+def plain_towers(cfg: ClipConfig) -> tuple[ClipVision, ClipText, Tokenizer, torch.nn.Module]:
+    """The towers without adapters, their tokenizer, and the open_clip model they share modules with."""
+    model, tok, folder = create_open_clip(cfg)
+    return ClipVision(model.visual, cfg), ClipText(model.text, cfg), Tokenizer(tok, cfg.text.vocab_size, folder), model
+
+
+def build_tokenizer(cfg: ClipConfig) -> Tokenizer:
+    return build_clip(cfg)[2]
 
 
 def names(module: torch.nn.Module) -> set[str]:
@@ -59,12 +64,13 @@ def test_vision_shapes_and_preprocess(towers):
         vision.forward_to(x, 5)
 
 
-def test_split_forward_matches_timm(towers):
-    vision, _, _ = towers
+def test_split_forward_matches_open_clip():
+    vision, _, _, model = plain_towers(tiny())
+    vision.eval()
     img = torch.rand(2, 3, 64, 64)
     x = vision.preprocess(img)
     with torch.no_grad():
-        reference = vision.head(vision.trunk(x))  # open_clip TimmModel.forward
+        reference = model.eval().encode_image(x)
         features = vision.trunk.forward_features(x)
         assert torch.allclose(vision(img), reference, atol=1e-6)
         for layer in range(vision.depth + 1):
@@ -93,13 +99,11 @@ def test_text_shapes_and_context(towers):
         text(too_long, torch.ones_like(too_long))
 
 
-def test_text_without_context_equals_plain_bert():
-    torch.manual_seed(0)
-    text = ClipText(tiny(text={"n_ctx": 0})).eval()
-    ids, mask = build_tokenizer(tiny(text={"n_ctx": 0}))(CAPTIONS)
+def test_text_without_context_equals_open_clip():
+    _, text, tok, model = plain_towers(tiny(text={"n_ctx": 0}))
+    ids, mask = tok(CAPTIONS)
     with torch.no_grad():
-        hidden = text.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
-        assert torch.allclose(text(ids, mask), text.proj(hidden[:, 0]), atol=1e-6)
+        assert torch.allclose(text.eval()(ids, mask), model.eval().encode_text(tok.open_clip(CAPTIONS)), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -119,8 +123,7 @@ def test_trainable_parameters_are_exactly_the_adapters(towers):
 
 
 def test_unfrozen_blocks_are_trainable():
-    vision = ClipVision(tiny(vision={"unfreeze_last_blocks": 1, "lora_last_blocks": 1}))
-    vision.add_adapters()
+    vision = build_clip(tiny(vision={"unfreeze_last_blocks": 1, "lora_last_blocks": 1}))[0]
     block = {n for n in names(vision) if n.startswith("trunk.blocks.3.")}
     assert names(vision) == block
     # LayerNorms 2 x 128, qkv 64x192+192, proj 64x64+64, fc1 64x256+256, fc2 256x64+64, LoRA 4x64+192x4.
@@ -130,8 +133,9 @@ def test_unfrozen_blocks_are_trainable():
 
 def test_adapters_start_as_identity_and_get_gradients():
     torch.manual_seed(0)
-    cfg = tiny()
-    vision, text, tok = ClipVision(cfg).eval(), ClipText(cfg).eval(), build_tokenizer(cfg)
+    vision, text, tok, _ = plain_towers(tiny())
+    vision.eval()
+    text.eval()
     img, (ids, mask) = torch.rand(2, 3, 64, 64), tok(CAPTIONS)
     with torch.no_grad():
         before = vision(img), text(ids, mask)
@@ -154,11 +158,11 @@ def test_adapters_start_as_identity_and_get_gradients():
 
 def test_bad_adapter_config_is_named():
     with pytest.raises(ConfigError, match="model.clip.vision.lora_last_blocks"):
-        ClipVision(tiny(vision={"lora_last_blocks": 5}))
+        build_clip(tiny(vision={"lora_last_blocks": 5}))
     with pytest.raises(ConfigError, match="model.clip.text.lora_targets"):
-        ClipText(tiny(text={"lora_targets": ["qkv"]})).add_adapters()
+        build_clip(tiny(text={"lora_targets": ["qkv"]}))
     with pytest.raises(ConfigError, match="model.clip.text.context_length"):
-        ClipText(tiny(text={"context_length": 65}))
+        build_clip(tiny(text={"context_length": 65}))
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -200,167 +204,128 @@ def test_tokenizer_vocab_must_fit_embedding_table():
         build_tokenizer(tiny(text={"vocab_size": 100}))
 
 
+def test_preset_build_logs_one_line(caplog):
+    """The tokenizer rule is logged; open_clip's step-by-step log of building a weightless folder is not."""
+    with caplog.at_level("INFO"):
+        build_clip(tiny())
+    assert [(r.name, r.levelname) for r in caplog.records] == [("shared_model.biomedclip", "INFO")]
+    assert "packaged tiny vocabulary" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ folders
 
 
-def test_folder_round_trip(tmp_path, towers):
-    vision, text, tok = towers
+def write_folder(dest, model: torch.nn.Module, cfg: ClipConfig, hf_name: str | None = None):
+    """A BiomedCLIP-layout folder with ``model``'s weights; the text tower's name is the folder (or ``hf_name``)."""
+    shutil.copytree(preset_folder(cfg), dest)
+    config = json.loads((dest / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"].update(hf_model_name=hf_name or str(dest), hf_tokenizer_name=hf_name or str(dest))
+    (dest / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(model.state_dict(), dest / "open_clip_pytorch_model.bin")
+    return dest
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    torch.manual_seed(0)
+    model = create_open_clip(tiny())[0]
+    return write_folder(tmp_path / "biomedclip", model, tiny())
+
+
+def test_folder_loads_as_open_clip_loads_it(folder):
+    """The towers built from a folder compute open_clip's embeddings (context vectors off, LoRA B = 0)."""
+    cfg = dataclasses.replace(tiny(text={"n_ctx": 0}), checkpoint=str(folder))
+    reference, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    reference_tok = open_clip.get_tokenizer(f"local-dir:{folder}", context_length=48)
+    torch.manual_seed(1)  # random init would now differ from the folder's weights
+    vision, text, tok = build_clip(cfg)
+    img = torch.rand(2, 3, 64, 64)
+    ids, mask = tok(CAPTIONS)
+    ref_ids = reference_tok(CAPTIONS)
+    assert torch.equal(ref_ids[:, : ids.shape[1]], ids) and not ref_ids[:, ids.shape[1]:].any()
     with torch.no_grad():
-        for p in vision.parameters():  # randomise LoRA B (and zero biases): adapters must stay out of the folder
-            if not p.any():
-                p.normal_(0, 0.1)
-    folder = save_biomedclip_folder(tmp_path / "ckpt", vision, text, tiny())
-    assert {p.name for p in folder.iterdir()} >= {
-        "open_clip_config.json", "open_clip_pytorch_model.bin", "config.json", "vocab.txt", "tokenizer_config.json"
-    }
-    state = torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True)
-    assert "logit_scale" in state and "visual.head.proj.weight" in state and "text.proj.2.weight" in state
-    assert not [k for k in state if "lora" in k or "base_layer" in k or k.endswith("ctx")]
-    assert architecture(clip_config_from_folder(folder)) == architecture(tiny())
-
-    cfg = dataclasses.replace(tiny(), checkpoint=str(folder))
-    vision2, text2, tok2 = build_clip(cfg)
-    vision2.eval()
-    text2.eval()
-    plain = ClipVision(tiny()).eval()  # the loaded backbone alone, without the trained LoRA
-    load_biomedclip(folder, plain, ClipText(tiny()))
-    with torch.no_grad():
-        text2.ctx.copy_(text.ctx)
-        img, (ids, mask) = torch.rand(2, 3, 64, 64), tok(CAPTIONS)
-        assert torch.equal(tok2(CAPTIONS)[0], ids)
-        assert torch.equal(text2(ids, mask), text(ids, mask))
-        assert torch.equal(vision2(img), plain(img))
-        # Loading after LoRA injection maps peft's base_layer names back and leaves the adapters as
-        # they were (the file has none); with B = 0 LoRA is the identity.
-        adapters = {k: v.clone() for k, v in vision.state_dict().items() if "lora_" in k}
-        assert adapters and any(v.any() for k, v in adapters.items() if "lora_B" in k)
-        load_biomedclip(folder, vision, text)
-        assert all(torch.equal(vision.state_dict()[k], v) for k, v in adapters.items())
-        for name, p in vision.named_parameters():
-            if "lora_B" in name:
-                p.zero_()
-        assert torch.equal(vision(img), plain(img))
+        reference.eval()
+        assert torch.allclose(vision.eval()(img), reference.encode_image(transform.transforms[-1](img)), atol=1e-6)
+        assert torch.allclose(text.eval()(ids, mask), reference.encode_text(ref_ids), atol=1e-6)
 
 
-def test_safetensors_file_is_preferred(tmp_path, towers):
+def test_safetensors_file_is_preferred(folder):
     from safetensors.torch import save_file
 
-    vision, text, _ = towers
-    folder = save_biomedclip_folder(tmp_path, vision, text, tiny())
     state = torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True)
     state["visual.head.proj.weight"] = torch.zeros_like(state["visual.head.proj.weight"])
     save_file(state, str(folder / "open_clip_model.safetensors"))
-    plain = ClipVision(tiny()).eval()
-    load_biomedclip(folder, plain, ClipText(tiny()))
-    assert not plain.head.proj.weight.any()
+    vision = build_clip(dataclasses.replace(tiny(), checkpoint=str(folder)))[0]
+    assert not vision.head.proj.weight.any()
 
 
-def test_wrong_architecture_names_file_and_keys(tmp_path, towers):
-    vision, text, _ = towers
-    folder = save_biomedclip_folder(tmp_path, vision, text, tiny())
-    weights = str(folder / "open_clip_pytorch_model.bin")
+def test_wrong_architecture_names_folder_and_keys(folder):
     shallow = tiny(vision={"depth": 3, "lora_last_blocks": 1})
-    with pytest.raises(CheckpointError, match=re.escape(weights) + ".*unexpected keys.*visual.trunk.blocks.3"):
-        load_biomedclip(folder, ClipVision(shallow), ClipText(shallow))
-    wider = tiny(text={"intermediate_size": 96})
-    with pytest.raises(CheckpointError, match="shape-mismatched.*text.transformer.encoder.layer.0.intermediate"):
-        load_biomedclip(folder, ClipVision(wider), ClipText(wider))
     with pytest.raises(ConfigError, match="model.clip.vision.depth=3 \\(folder: 4\\)"):
         build_clip(dataclasses.replace(shallow, checkpoint=str(folder)))
-    # A missing key, an extra key; BERT's unused pooling layer and position ids are tolerated.
+    # A missing key, an extra key (open_clip loads strictly); the position ids of older transformers are tolerated.
+    weights = folder / "open_clip_pytorch_model.bin"
     state = torch.load(weights, weights_only=True)
     del state["visual.trunk.norm.weight"]
-    state["text.transformer.pooler.dense.weight"] = torch.zeros(64, 64)
     state["text.transformer.embeddings.position_ids"] = torch.arange(64)[None]
     state["text.extra.weight"] = torch.zeros(1)
     torch.save(state, weights)
-    with pytest.raises(CheckpointError) as err:
-        load_biomedclip(folder, ClipVision(tiny()), ClipText(tiny()))
-    message = str(err.value)
-    assert "missing keys (1: visual.trunk.norm.weight)" in message
-    assert "unexpected keys (1: text.extra.weight)" in message
+    with pytest.raises(CheckpointError, match=re.escape(str(folder))) as err:
+        build_clip(dataclasses.replace(tiny(), checkpoint=str(folder)))
+    assert "visual.trunk.norm.weight" in str(err.value) and "text.extra.weight" in str(err.value)
+    assert "position_ids" not in str(err.value)
 
 
-def test_missing_folder_and_files_are_named(tmp_path, towers):
-    vision, text, _ = towers
+def test_missing_folder_and_files_are_named(tmp_path, folder):
     absent = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=re.escape(str(absent))):
         build_clip(dataclasses.replace(tiny(), checkpoint=str(absent)))
-    with pytest.raises(FileNotFoundError, match=re.escape(str(absent))):
-        load_biomedclip(absent, vision, text)
-    folder = save_biomedclip_folder(tmp_path / "ckpt", vision, text, tiny())
-    (folder / "open_clip_pytorch_model.bin").unlink()
-    with pytest.raises(FileNotFoundError, match="open_clip_pytorch_model.bin"):
-        load_biomedclip(folder, vision, text)
     (folder / "open_clip_config.json").unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "open_clip_config.json"))):
-        clip_config_from_folder(folder)
-
-
-def test_biomedclip_hub_config_is_the_base_architecture(tmp_path):
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    hub = {
-        "model_cfg": {
-            "embed_dim": 512,
-            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-                           "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-            "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                         "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                         "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
-                         "context_length": 256},
-        },
-        "preprocess_cfg": {"mean": mean, "std": std},
-    }
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(hub))
-    cfg = clip_config_from_folder(tmp_path)
-    assert architecture(cfg) == architecture(get_preset("base").clip)
-    assert cfg.text.context_length == 256 and cfg.checkpoint == str(tmp_path)
-    hub["model_cfg"]["vision_cfg"]["timm_model_name"] = "convnext_base"
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(hub))
-    with pytest.raises(ConfigError, match="open_clip_config.json: model_cfg.vision_cfg.timm_model_name"):
-        clip_config_from_folder(tmp_path)
-    del hub["model_cfg"]["vision_cfg"]["timm_pool"]  # open_clip would then average-pool: not BiomedCLIP
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(hub))
-    with pytest.raises(ConfigError, match="timm_pool"):
-        clip_config_from_folder(tmp_path)
+        build_clip(dataclasses.replace(tiny(), checkpoint=str(folder)))
+    (folder / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        build_clip(dataclasses.replace(tiny(), checkpoint=str(folder)))
+    (folder / "open_clip_pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        build_clip(dataclasses.replace(tiny(), checkpoint=str(folder)))
 
 
 # ------------------------------------------------------------------------------------------ base size
 
 
-def test_base_architecture_sizes_and_open_clip_compatibility(tmp_path, monkeypatch):
-    """BiomedCLIP ViT-B/16 + BERT-base, offline: sizes; open_clip loads our folder strictly and computes the
-    same embeddings as the towers rebuilt from it (~20-30 s on 2 cores). Context vectors are off here
-    (open_clip has none); they are covered by the tiny tests."""
-    from open_clip.model import CustomTextCLIP
-
+def test_base_preset_offline_and_hub_folder(tmp_path, monkeypatch, caplog):
+    """BiomedCLIP ViT-B/16 + BERT-base, offline: sizes; the tokenizer rule is logged; a folder laid out as the
+    Hub's (BiomedBERT's Hub id as the text tower, no config.json) loads the same weights (~30 s on 2 cores).
+    Context vectors are off here (open_clip has none); they are covered by the tiny tests."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     torch.manual_seed(0)
     base = get_preset("base").clip
     assert base.text.n_ctx * base.text.width == 12_288  # the CoOp context of REFERENCE.md
     cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, n_ctx=0))
-    vision, text = ClipVision(cfg), ClipText(cfg)
+    with caplog.at_level("WARNING", logger="shared_model.biomedclip"):
+        model, _, _ = create_open_clip(cfg)
+    assert "tiny vocabulary" in caplog.text
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     # ViT-B/16 trunk: patch 3*16*16*768+768, cls 768, pos 197*768, 12 blocks of 7,087,872, final norm 1536.
-    assert count(vision.trunk) == 590_592 + 768 + 151_296 + 12 * 7_087_872 + 1_536 == 85_798_656
-    assert count(vision.head) == 768 * 512
+    assert count(model.visual.trunk) == 590_592 + 768 + 151_296 + 12 * 7_087_872 + 1_536 == 85_798_656
+    assert count(model.visual.head) == 768 * 512
     # BERT-base without pooler: embeddings (30522+512+2)*768+1536 = 23,837,184, then 12 layers of 7,087,872.
-    assert count(text.transformer) == 23_837_184 + 12 * 7_087_872 == 108_891_648
-    assert count(text.proj) == 768 * 640 + 640 * 512 == 819_200
+    assert count(model.text.transformer) == 23_837_184 + 12 * 7_087_872 == 108_891_648
+    assert count(model.text.proj) == 768 * 640 + 640 * 512 == 819_200
 
-    folder = save_biomedclip_folder(tmp_path, vision, text, cfg)
-    del vision, text
-    reference = CustomTextCLIP(
-        embed_dim=512,
-        vision_cfg={"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-                    "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-        text_cfg={"hf_model_name": str(folder), "hf_model_pretrained": False, "hf_proj_type": "mlp",
-                  "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
-    ).eval()
-    reference.load_state_dict(torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True), strict=True)
-    vision2, text2, tok = build_clip(dataclasses.replace(cfg, checkpoint=str(folder)))
+    hub_id = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    hub = write_folder(tmp_path / "hub", model, cfg, hf_name=hub_id)
+    (hub / "config.json").unlink()
+    config = json.loads((hub / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "vit_base_patch16_224"
+    del config["model_cfg"]["text_cfg"]["hf_model_pretrained"]
+    (hub / "open_clip_config.json").write_text(json.dumps(config))
+    vision, text, tok = build_clip(dataclasses.replace(cfg, checkpoint=str(hub)))
     img = torch.rand(1, 3, 224, 224)
     ids, mask = tok(["one small pink polyp"])
     with torch.no_grad():
-        assert torch.allclose(reference.encode_image(vision2.preprocess(img)), vision2.eval()(img), atol=1e-5)
-        assert torch.allclose(reference.encode_text(ids), text2.eval()(ids, mask), atol=1e-5)
+        model.eval()
+        assert torch.allclose(model.encode_image(vision.preprocess(img)), vision.eval()(img), atol=1e-5)
+        assert torch.allclose(model.encode_text(ids), text.eval()(ids, mask), atol=1e-5)

@@ -178,7 +178,9 @@ class LossConfig:
     """Weights and hyper-parameters of the training losses."""
 
     dice: float = 1.0
-    bce: float = 1.0
+    # Mean-over-pixels BCE is ruled by the background when polyps are small: at weight 1 the first
+    # steps drive every pixel to background and Dice to 0 (the round-1 collapse). 0.2 as in SAMed.
+    bce: float = 0.2
     nce: float = 0.1
     ib: float = 0.1
     saliency: float = 0.5
@@ -513,7 +515,9 @@ class FederationConfig:
     local_steps: int = 10  # optimiser steps per client per round
     wire_dtype: str = "float32"  # float32 | float16 | bfloat16, both directions
     max_update_norm: float = 0.0  # L2 bound on a client's delta (0 = no bound)
-    keep_optimizer_state: bool = False  # carry AdamW state across rounds in context.state
+    # False (FedAvg's stateless clients): every round starts a fresh AdamW, on purpose: with partial
+    # participation a client's moments would be rounds stale. True: kept per client in context.state.
+    keep_optimizer_state: bool = False
     seed: int = 0  # initial state, client seeds per (seed, round, partition), node sampling
     device: str = "cpu"  # clients and server-side evaluation ("auto" = CUDA if present)
     eval_batch_size: int = 8

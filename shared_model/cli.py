@@ -143,18 +143,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def inspect_model(preset: str) -> dict:
-    """Parameter counts and exchanged-state size of a preset (random init, CPU)."""
+    """Parameter counts and exchanged-state size of a preset (random init, CPU).
+
+    Sizes of the state one client sends (and receives) per round, per wire dtype:
+    ``exchange_bytes_raw*`` = values x bytes per value; ``exchange_bytes_wire*`` = the payload of
+    the state serialised as the run does (:func:`client.wire.state_to_record`: one Flower
+    ``Array`` per tensor, NumPy ``.npy`` bytes with their headers), the figure the run reports
+    count as bytes up / down; ``exchange_bytes_protobuf*`` = the whole ArrayRecord protobuf
+    message (payloads plus keys, dtypes and shapes).
+    """
+    from flwr.common.serde import array_record_to_proto
+
+    from client.wire import record_nbytes, state_to_record
+
     from .exchange import get_exchanged_state, state_nbytes, state_numel
     from .model import build_model, component_parameter_counts
 
     model = build_model(get_preset(preset))
     state = get_exchanged_state(model)
+    sizes: dict[str, int] = {}
+    for dtype, suffix in (("float32", ""), ("float16", "_fp16"), ("bfloat16", "_bf16")):
+        record = state_to_record(state, dtype)
+        sizes[f"exchange_bytes_raw{suffix}"] = state_nbytes(state, dtype)
+        sizes[f"exchange_bytes_wire{suffix}"] = record_nbytes(record)
+        sizes[f"exchange_bytes_protobuf{suffix}"] = array_record_to_proto(record).ByteSize()
     return {
         "preset": preset,
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": state_numel(state),
-        "exchange_bytes": state_nbytes(state, "float32"),
-        "exchange_bytes_fp16": state_nbytes(state, "float16"),
+        **sizes,
         "exchange_tensors": len(state),
         "components": component_parameter_counts(model),
     }
@@ -166,7 +183,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         print(f"preset {info['preset']}: {info['total_params']:,} parameters, "
-              f"{info['trainable_params']:,} trainable, exchanged {info['exchange_bytes'] / 2**20:.3f} MiB (fp32)")
+              f"{info['trainable_params']:,} trainable; exchanged state (float32) {info['exchange_bytes_raw']:,} B raw, "
+              f"{info['exchange_bytes_wire']:,} B on the wire (with the arrays' headers)")
         for name, c in info["components"].items():
             print(f"  {name:<14} total {c['total']:>12,}  trainable {c['trainable']:>10,}")
     return 0

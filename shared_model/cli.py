@@ -136,9 +136,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     boxes = load_user_boxes(args.boxes) if args.boxes else None
     index = predict_folder(model, args.inputs, args.out, prompt=args.prompt, threshold=args.threshold,
                            batch_size=args.batch_size, device=args.device, user_boxes=boxes,
-                           checkpoint=args.checkpoint)
+                           checkpoint=args.checkpoint, masks=args.masks)
     skipped = f", skipped {len(index['skipped'])} (see predictions.json)" if index["skipped"] else ""
     print(f"wrote {index['count']} predictions to {args.out}{skipped}")
+    if index["with_truth"]:
+        print(f"mean Dice {index['mean_dice']:.4f} over the {index['with_truth']} image(s) with a ground-truth "
+              f"mask ({', '.join(index['masks'])})")
     return 0 if index["count"] else 1
 
 
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="segment new images: masks, overlays, per-image JSON, predictions.json/.csv",
         description="Segment image files or folders with a trained checkpoint and a text prompt. Writes "
                     "OUT/masks/<name>.png (0/255, the image's own size), OUT/masks/<name>.json (boxes, area, "
-                    "components, score, confidence), OUT/overlays/<name>.png, the index OUT/predictions.json "
+                    "components, score, confidence, Dice when a ground-truth mask is known), OUT/overlays/<name>.png "
+                    "(with a legend), the index OUT/predictions.json "
                     "(checkpoint, preset, config fingerprint, prompt, threshold, skipped files with reasons) "
                     "and OUT/predictions.csv. Unreadable files are skipped and listed. Exit status 1 when "
                     "no image could be predicted.")
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     checked(p)
     p.add_argument("--prompt", default="polyp")
     p.add_argument("--boxes", help="JSON {image file name: [x0, y0, x1, y1] or a list of boxes} of user boxes")
+    p.add_argument("--masks", help="folder of ground-truth masks named like the images: draws their contour on "
+                                   "the overlays and writes per-image Dice (default: a masks/ folder next to a "
+                                   "folder input, as in <centre>/{images,masks})")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=4, help="images segmented together")
     p.add_argument("--out", default="runs/predict")

@@ -186,8 +186,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         print(f"preset {info['preset']}: {info['total_params']:,} parameters, "
-              f"{info['trainable_params']:,} trainable; exchanged state (float32) {info['exchange_bytes_raw']:,} B raw, "
-              f"{info['exchange_bytes_wire']:,} B on the wire (with the arrays' headers)")
+              f"{info['trainable_params']:,} trainable; exchanged state (float32) "
+              f"{info['exchange_bytes_raw']:,} B raw, {info['exchange_bytes_wire']:,} B on the wire (with the "
+              "arrays' headers)")
         for name, c in info["components"].items():
             print(f"  {name:<14} total {c['total']:>12,}  trainable {c['trainable']:>10,}")
     return 0

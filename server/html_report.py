@@ -278,7 +278,9 @@ def _privacy(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     body = [[str(r["round"]), _num(r.get("epsilon-central"), 3), _num(r.get("epsilon-local-max"), 3),
              _num(r.get("declined", 0))] for r in dp]
     settings = summary.get("privacy") or {}
-    kv = _table(["setting", "value"], [[_e(k), _val(v)] for k, v in settings.items()], "kv") if settings else ""
+    shown = [[_e(k), "off" if v is False else _val(v)] for k, v in settings.items()
+             if v not in (None, {}, [])]  # only what applies: no delta of a DP that is off
+    kv = _table(["setting", "value"], shown, "kv") if shown else ""
     return ('<section id="privacy"><h2>Privacy</h2><p class="note">Cumulative epsilon after each round: '
             "server-side central DP (at privacy-central-delta) and the largest hospital's local DP (at its "
             "delta); declined = hospitals out of budget.</p>"

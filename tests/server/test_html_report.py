@@ -201,6 +201,15 @@ def test_saliency_panels_are_heatmaps_with_a_colour_bar(tmp_path, overlays):
 
 
 def test_epsilon_section_only_with_dp_rows_and_no_grid_without_eval_data(tmp_path):
+    rows = _dp_rows()
+    (run_dir := tmp_path / "run").mkdir()
+    summary = summarize(rows, 2, {"privacy": {"local_dp": False, "local_delta": None, "central_dp": "fixed",
+                                              "central_delta": 1e-5, "secagg": False}})
+    page = Page(write_html_report(run_dir, rows, summary, _run_config(central_dp="fixed"), None).read_text())
+    settings = {c[0][0]: c[1][0] for c in page.tables["kv"]}
+    assert {k: settings[k] for k in ("local_dp", "central_dp", "central_delta", "secagg")} == {
+        "local_dp": "off", "central_dp": "fixed", "central_delta": "1e-05", "secagg": "off"}
+    assert "local_delta" not in settings and settings["privacy-central-noise-multiplier"] == "1.0"
     page = Page(_write(tmp_path, _dp_rows(), None).read_text())
     assert "privacy" in page.ids
     assert [[c[0] for c in r[:3]] for r in page.tables["epsilon"]] == [["1", "1.250", "-"], ["2", "2.500", "-"]]

@@ -196,11 +196,13 @@ def dice_sources(rows: list[dict[str, Any]]) -> dict[str, Any]:
     both = [k for k in fed if k in glob and glob[k].get("dice") is not None]
     same = bool(both) and all(counts.get(k) == glob[k].get("n") and abs(fed[k]["dice"] - glob[k]["dice"]) < 1e-6
                               for k in both)
-    n = lambda v: f"{v:,} images" if v is not None else "no images"  # noqa: E731
+    def images(count: int | None) -> str:
+        return f"{count:,} images" if count is not None else "no images"
+
     note = (f"Global Dice: the server's evaluation of the global state on its own evaluation set (global-eval; "
-            f"{n(global_n)}; round 0 = the initial state). Federated Dice: the mean of the hospitals' Dice on "
-            f"their own validation splits, evaluated by the clients and weighted by their image counts "
-            f"({n(federated_n)}).")
+            f"{images(global_n)}; round 0 = the initial state). Federated Dice: the mean of the hospitals' Dice "
+            f"on their own validation splits, evaluated by the clients and weighted by their image counts "
+            f"({images(federated_n)}).")
     if same:
         note += (" In this run they are the same images: the hospitals' validation splits together are the "
                  "server's evaluation set (global-eval = val takes the same per-centre split of the same "

@@ -117,12 +117,12 @@ def load_user_boxes(path: str | Path) -> dict[str, list[list[float]]]:
     return out
 
 
-def truth_folders(inputs: Sequence[str | Path], masks: str | Path | None = None) -> dict[Path, Path]:
+def truth_folders(inputs: Sequence[str | Path], masks: str | Path | None = None) -> dict[Path | None, Path]:
     """Ground-truth mask folder of each folder input (``--masks`` applies to every input).
 
     Without ``masks``: a folder's ``masks/`` child, or the sibling ``masks/`` of a folder named
     ``images`` (the dataset layout ``<centre>/{images,masks}``); folders with neither are absent.
-    With ``masks``, the key ``Path()`` maps to it (for every image, files named directly too).
+    With ``masks``, the key None maps to it (for every image, files named directly too).
 
     Raises:
         FileNotFoundError: ``masks`` is given but is not a folder.
@@ -130,8 +130,8 @@ def truth_folders(inputs: Sequence[str | Path], masks: str | Path | None = None)
     if masks is not None:
         if not Path(masks).is_dir():
             raise FileNotFoundError(f"--masks {masks}: folder not found")
-        return {Path(): Path(masks)}
-    found = {}
+        return {None: Path(masks)}
+    found: dict[Path | None, Path] = {}
     for item in map(Path, inputs):
         if not item.is_dir():
             continue
@@ -151,13 +151,13 @@ def _mask_index(folder: Path) -> dict[str, Path]:
 class TruthLookup:
     """Finds and reads the ground-truth mask of an image from :func:`truth_folders`."""
 
-    def __init__(self, folders: dict[Path, Path]) -> None:
+    def __init__(self, folders: dict[Path | None, Path]) -> None:
         self.folders = folders
         self._index = {folder: _mask_index(folder) for folder in set(folders.values())}
 
     def folder_of(self, image: Path) -> Path | None:
         """The mask folder that applies to ``image`` (None: no ground truth is known)."""
-        return self.folders.get(Path()) or self.folders.get(image.parent)
+        return self.folders.get(None) or self.folders.get(image.parent)
 
     def read(self, image: Path, width: int, height: int) -> tuple[np.ndarray | None, str | None, str | None]:
         """``(H x W bool mask, mask path, problem)`` of ``image``; the mask is None on a problem."""

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from server.report import dice_sources, payload_arithmetic
+
 HTML_REPORT_NAME = "report.html"
 OVERLAY_EXAMPLES = 6  # images in the overlay grid (cheap: one batched forward pass)
 PANELS = ("image", "ground truth", "saliency", "boxes", "predicted mask")
@@ -48,6 +50,9 @@ table.grid{width:100%;table-layout:fixed}table.grid td,table.grid th{text-align:
 table.grid img{width:100%;max-width:210px;image-rendering:auto;border-radius:4px}
 figure{margin:0}figcaption{font-size:12px;color:#5a6b7d;overflow-wrap:anywhere}
 .note{color:#5a6b7d}
+figure.cbar{width:300px;margin:4px 0 10px}figure.cbar img{width:300px;height:14px;display:block;border:1px solid #ccd}
+.ticks{position:relative;height:16px;font-size:11px;color:#5a6b7d}
+.ticks span{position:absolute;transform:translateX(-50%)}
 """
 
 
@@ -151,6 +156,9 @@ def _header(name: str, summary: dict[str, Any]) -> str:
              ("dropped replies", _num(summary.get("dropped_replies")))]
     out = '<div class="cards">' + "".join(f'<div class="card"><b>{v}</b><span>{_e(k)}</span></div>'
                                           for k, v in cards) + "</div>"
+    if summary.get("payload_arithmetic"):
+        out += f'<p class="note arith">Payload: {_e(summary["payload_arithmetic"])}.</p>'
+
     by_centre = summary.get("best_round_test_by_centre") or {}
     if test:
         def cells(name: str, m: dict[str, Any]) -> list[str]:
@@ -184,9 +192,37 @@ def _config(run_config: dict[str, Any]) -> str:
             group = next((g for g in ("partition", "privacy") if key.startswith(g + "-")), "federation")
             cell = _val(value)
         groups.setdefault(group, []).append([_e(key), cell])
+    if "privacy" in groups:
+        groups["privacy"] = _privacy_config(groups["privacy"])
     tables = "".join(f"<div><h3>{_e(g)}</h3>{_table(['key', 'value'], body, 'kv')}</div>" for g, body in groups.items())
     return ('<section id="config"><h2>Configuration</h2><p class="note">The Flower run config of the run '
             f'(kebab-case keys).</p><div class="groups">{tables}</div></section>')
+
+
+_PRIVACY_SWITCHES = {"privacy-central-dp": ("privacy-central-", "privacy-adaptive-"),
+                     "privacy-secagg": ("privacy-secagg-",)}  # local DP (privacy-local-dp) owns the rest
+
+
+def _privacy_config(body: list[list[str]]) -> list[list[str]]:
+    """The privacy rows of the configuration: a switch that is off reads "off" and hides its settings.
+
+    ``body`` holds escaped ``[key, value]`` cells of the ``privacy-*`` keys.
+    """
+    def switch(key: str) -> str:
+        if key in _PRIVACY_SWITCHES:
+            return key
+        return next((k for k, prefixes in _PRIVACY_SWITCHES.items() if key.startswith(prefixes)), "privacy-local-dp")
+
+    values = {html.unescape(k): v for k, v in body}
+    off = {key for key in ("privacy-local-dp", *_PRIVACY_SWITCHES) if values.get(key) in ("false", "off")}
+    out = []
+    for key, value in body:
+        plain = html.unescape(key)
+        if plain in off:
+            out.append([key, "off"])
+        elif switch(plain) not in off:
+            out.append([key, value])
+    return out
 
 
 def _rounds(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -199,22 +235,26 @@ def _rounds(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             val.setdefault(str(r.get("hospital")), {})[r["round"]] = r.get("val-dice")
     trained = sorted(val)
     best = summary.get("best_round")
+    sources = dice_sources(rows)
+    mean = [] if sources["same"] else ["<th>mean</th>"]
     head1 = ('<tr><th class="l" rowspan="2">round</th><th colspan="3">global (server)</th>'
-             f'<th colspan="{1 + len(hospitals)}">federated evaluation Dice</th>'
+             + (f'<th colspan="{len(mean) + len(hospitals)}">federated evaluation Dice</th>'
+                if mean or hospitals else "")
              + (f'<th colspan="{len(trained)}">train replies: local val-Dice</th>' if trained else "") + "</tr>")
-    head2 = ("<tr><th>Dice</th><th>IoU</th><th>HD95</th><th>mean</th>"
-             + "".join(f"<th>{_e(h)}</th>" for h in hospitals + trained) + "</tr>")
+    head2 = ("<tr><th>" + ("Dice (= federated mean)" if sources["same"] else "Dice") + "</th><th>IoU</th>"
+             "<th>HD95</th>" + "".join(mean) + "".join(f"<th>{_e(h)}</th>" for h in hospitals + trained) + "</tr>")
     body = []
     for k in sorted(set(glob) | set(fed)):
         g, f = glob.get(k, {}), fed.get(k, {})
-        cells = [_num(g.get("dice")), _num(g.get("iou")), _num(g.get("hd95"), 2), _num(f.get("dice"))]
+        cells = [_num(g.get("dice")), _num(g.get("iou")), _num(g.get("hd95"), 2)]
+        cells += [_num(f.get("dice"))] if mean else []
         cells += [_num(summary["hospital_dice"][h].get(str(k))) for h in hospitals]
         cells += [_num(val[h].get(k)) for h in trained]
         cls = ' class="best"' if k == best else ""
         body.append(f'<tr{cls}><td class="l">{k}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return ('<section id="rounds"><h2>Dice by round</h2><p class="note">Global: the server\'s evaluation of '
-            "the global state (round 0 = initial state). Federated: the global state's Dice on each hospital's "
-            "validation split. Highlighted: the best round.</p>"
+    return ('<section id="rounds"><h2>Dice by round</h2><p class="note dice-sources">'
+            f"{_e(sources['note'])} Hospital columns: the global state's Dice on each hospital's validation "
+            "split; train replies: the hospital's locally trained state on it. Highlighted: the best round.</p>"
             f'<table class="rounds"><thead>{head1}{head2}</thead><tbody>{"".join(body)}</tbody></table></section>')
 
 
@@ -224,6 +264,7 @@ def _payload(rows: list[dict[str, Any]]) -> str:
             for r in sorted((r for r in rows if r["kind"] == "round"), key=lambda r: r["round"])]
     return ('<section id="payload"><h2>Payload and time by round</h2><p class="note">Bytes of the exchanged '
             "state: up = clients to server (deltas), down = server to clients (train and evaluate).</p>"
+            f'<p class="arith">{_e(payload_arithmetic(rows))}.</p>'
             + _table(["round", "accepted", "dropped", "bytes up", "bytes down", "seconds"], body, "payload")
             + "</section>")
 
@@ -237,7 +278,9 @@ def _privacy(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     body = [[str(r["round"]), _num(r.get("epsilon-central"), 3), _num(r.get("epsilon-local-max"), 3),
              _num(r.get("declined", 0))] for r in dp]
     settings = summary.get("privacy") or {}
-    kv = _table(["setting", "value"], [[_e(k), _val(v)] for k, v in settings.items()], "kv") if settings else ""
+    shown = [[_e(k), "off" if v is False else _val(v)] for k, v in settings.items()
+             if v not in (None, {}, [])]  # only what applies: no delta of a DP that is off
+    kv = _table(["setting", "value"], shown, "kv") if shown else ""
     return ('<section id="privacy"><h2>Privacy</h2><p class="note">Cumulative epsilon after each round: '
             "server-side central DP (at privacy-central-delta) and the largest hospital's local DP (at its "
             "delta); declined = hospitals out of budget.</p>"
@@ -269,10 +312,22 @@ def _grid(overlays: list[dict[str, Any]] | None, source: str, note: str | None) 
         cells = "".join(f"<td><figure>{_img(ex['panels'][p], p)}<figcaption>{_e(captions.get(p, ''))}"
                         "</figcaption></figure></td>" if p in ex["panels"] else "<td></td>" for p in PANELS)
         body.append(f"<tr>{cells}</tr>")
-    legend = ("Ground truth yellow; saliency = CRF-refined M2IB heatmap (jet); boxes = the box prompts (cyan); "
-              "predicted mask green with the ground-truth outline.")
+    legend = ("Ground truth yellow; saliency = the M2IB saliency heatmap (before the CRF refinement the boxes "
+              "come from), normalised per image; boxes = the box prompts (cyan); predicted mask green with the "
+              "ground-truth outline.")
     return (f'<section id="examples"><h2>Example predictions</h2><p class="note">{_e(source)} {_e(legend)}</p>'
+            f"{_colour_bar()}"
             f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></section>')
+
+
+def _colour_bar() -> str:
+    """The saliency panels' colour bar: 'jet' from the image's least (0) to its most (1) salient pixel."""
+    from shared_model.inference import colour_bar
+
+    ticks = "".join(f'<span style="left:{100 * v:.0f}%">{v:g}</span>' for v in (0, 0.25, 0.5, 0.75, 1))
+    return (f'<figure class="cbar">{_img(png_bytes(colour_bar(256, 12)), "saliency colour bar")}'
+            f'<div class="ticks">{ticks}</div><figcaption>saliency, normalised per image: 0 = the image\'s '
+            "least salient pixel, 1 = its most salient</figcaption></figure>")
 
 
 def _plots(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:

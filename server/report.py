@@ -90,6 +90,7 @@ def summarize(rows: list[dict[str, Any]], best_round: int, extra: dict[str, Any]
         "bytes_total": sum((r.get("bytes-up") or 0) + (r.get("bytes-down") or 0) for r in round_rows.values()),
         "dropped_replies": sum(r.get("dropped", 0) for r in round_rows.values()),
         "mean_round_seconds": sum(seconds) / len(seconds) if seconds else None,
+        "payload_arithmetic": payload_arithmetic(rows),
         **(extra or {}),
     }
 
@@ -140,6 +141,85 @@ def _plot(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) ->
     return files
 
 
+def payload_arithmetic(rows: list[dict[str, Any]]) -> str:
+    """The run's total payload as one line of arithmetic from the metrics rows.
+
+    Uniform runs (every round the same clients, every message the same size ``b``) read
+    ``"<total> B in all = <c> clients x <r> rounds x (<b> B up + <k> x <b> B down: train and
+    evaluate)"``; otherwise the up and down totals are split into message counts x sizes where
+    they divide exactly, else given as the sums of the rounds.
+    """
+    rounds = sorted((r for r in rows if r["kind"] == "round"), key=lambda r: r["round"])
+    up = sum(r.get("bytes-up") or 0 for r in rounds)
+    down = sum(r.get("bytes-down") or 0 for r in rounds)
+    train = [r for r in rows if r["kind"] == "train" and r.get("accepted") and r.get("bytes-up") is not None]
+    up_sizes = {r["bytes-up"] for r in train}
+    down_sizes = {r["bytes-down"] for r in train if r.get("bytes-down")}
+    per_round = {r["round"]: sum(1 for t in train if t["round"] == r["round"]) for r in rounds}
+    total = f"{up + down:,} B in all"
+    if len(up_sizes) == 1 and len(down_sizes) == 1 and len(set(per_round.values())) == 1 and rounds:
+        (b_up,), (b_down,), clients = up_sizes, down_sizes, next(iter(per_round.values()))
+        cr = clients * len(rounds)
+        if up == cr * b_up and cr and down % (cr * b_down) == 0:
+            k = down // (cr * b_down)
+            what = {1: "train", 2: "train and evaluate"}.get(k, "messages")
+            return (f"{total} = {clients} clients x {len(rounds)} rounds x ({b_up:,} B up + {k} x {b_down:,} B "
+                    f"down: {what})")
+    parts = []
+    for name, amount, sizes in (("up", up, up_sizes), ("down", down, down_sizes)):
+        if len(sizes) == 1 and next(iter(sizes)) and amount % next(iter(sizes)) == 0:
+            size = next(iter(sizes))
+            parts.append(f"{amount:,} B {name} = {amount // size} messages x {size:,} B")
+        else:
+            parts.append(f"{amount:,} B {name} (sum of the rounds)")
+    return f"{total} = " + " + ".join(parts)
+
+
+def dice_sources(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the global and the federated Dice were computed on, and whether that is the same data.
+
+    Returns:
+        ``{"global_n": images of the server's evaluation set (None without one), "federated_n":
+        the hospitals' validation images of the last federated evaluation, "same": True when in
+        every round both counts agree and both Dice agree (to 1e-6), i.e. the hospitals'
+        validation splits together are the server's evaluation set, "note": one explanatory
+        paragraph}``.
+    """
+    glob = {r["round"]: r for r in rows if r["kind"] == "global"}
+    fed = {r["round"]: r for r in rows if r["kind"] == "round" and r.get("dice") is not None}
+    counts: dict[int, float] = {}
+    for r in rows:
+        if r["kind"] == "evaluate" and r.get("accepted"):
+            counts[r["round"]] = counts.get(r["round"], 0) + (r.get("num-examples") or 0)
+    global_n = next((int(g["n"]) for g in glob.values() if g.get("n") is not None), None)
+    federated_n = int(counts[max(counts)]) if counts else None
+    both = [k for k in fed if k in glob and glob[k].get("dice") is not None]
+    same = bool(both) and all(counts.get(k) == glob[k].get("n") and abs(fed[k]["dice"] - glob[k]["dice"]) < 1e-6
+                              for k in both)
+    def images(count: int | None) -> str:
+        return f"{count:,} images" if count is not None else "no images"
+
+    note = (f"Global Dice: the server's evaluation of the global state on its own evaluation set (global-eval; "
+            f"{images(global_n)}; round 0 = the initial state). Federated Dice: the mean of the hospitals' Dice "
+            f"on their own validation splits, evaluated by the clients and weighted by their image counts "
+            f"({images(federated_n)}).")
+    if same:
+        note += (" In this run they are the same images: the hospitals' validation splits together are the "
+                 "server's evaluation set (global-eval = val takes the same per-centre split of the same "
+                 "folder), and both are per-image means, so the weighted mean equals the pooled one and the "
+                 "two agree in every round; the table shows it once.")
+    return {"global_n": global_n, "federated_n": federated_n, "same": same, "note": note}
+
+
+def privacy_text(privacy: dict[str, Any] | None) -> str:
+    """The report's privacy line: ``"off"`` when no DP and no secure aggregation, else the settings used."""
+    privacy = privacy or {}
+    on = {k: v for k, v in privacy.items() if v not in (None, False, "off", {}, [])}
+    if not {"local_dp", "central_dp", "secagg"} & set(on):
+        return "off (no local DP, no central DP, no secure aggregation)"
+    return json.dumps(_clean(on))
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -183,16 +263,23 @@ def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: in
         f"- Rounds: {len(summary['rounds'])}; best round (global validation Dice): {best_round}",
         f"- Payload per client per round: up {_fmt(summary['bytes_up_per_client_round'])} B, "
         f"down {_fmt(summary['bytes_down_per_client_round'])} B; total {summary['bytes_total']} B",
+        f"- Payload in all: {payload_arithmetic(rows)}",
         f"- Mean round time: {_fmt(summary['mean_round_seconds'], 1)} s; dropped replies: {summary['dropped_replies']}",
     ]
     for key, value in (extra or {}).items():
-        lines.append(f"- {key}: {_fmt(value) if not isinstance(value, dict) else json.dumps(_clean(value))}")
-    lines += ["", "Global: the server's evaluation of the global state (round 0 = initial state). Hospital "
-              "columns: federated evaluation, the global state's Dice on each hospital's validation split.",
-              "", "| round | global Dice | IoU | HD95 | " + " | ".join(summary["hospital_dice"]) + " |",
-              "|---" * (4 + len(summary["hospital_dice"])) + "|"]
+        text = privacy_text(value) if key == "privacy" else (
+            _fmt(value) if not isinstance(value, dict) else json.dumps(_clean(value)))
+        lines.append(f"- {key}: {text}")
+    sources = dice_sources(rows)
+    fed_head = [] if sources["same"] else ["federated Dice"]
+    global_head = "global Dice (= federated)" if sources["same"] else "global Dice"
+    lines += ["", f"{sources['note']} Hospital columns: the global state's Dice on each hospital's validation split.",
+              "", f"| round | {global_head} | IoU | HD95 | "
+              + " | ".join(fed_head + list(summary["hospital_dice"])) + " |",
+              "|---" * (4 + len(fed_head) + len(summary["hospital_dice"])) + "|"]
     for k in g["dice"]:
-        per = [_fmt(summary["hospital_dice"][h].get(k)) for h in summary["hospital_dice"]]
+        per = [_fmt(summary["federated_dice"].get(k))] if fed_head else []
+        per += [_fmt(summary["hospital_dice"][h].get(k)) for h in summary["hospital_dice"]]
         lines.append(f"| {k} | {_fmt(g['dice'][k])} | {_fmt(g['iou'][k])} | {_fmt(g['hd95'][k], 2)} | "
                      + " | ".join(per) + " |")
     lines += _privacy_table(rows)

@@ -136,25 +136,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
     boxes = load_user_boxes(args.boxes) if args.boxes else None
     index = predict_folder(model, args.inputs, args.out, prompt=args.prompt, threshold=args.threshold,
                            batch_size=args.batch_size, device=args.device, user_boxes=boxes,
-                           checkpoint=args.checkpoint)
+                           checkpoint=args.checkpoint, masks=args.masks)
     skipped = f", skipped {len(index['skipped'])} (see predictions.json)" if index["skipped"] else ""
     print(f"wrote {index['count']} predictions to {args.out}{skipped}")
+    if index["with_truth"]:
+        print(f"mean Dice {index['mean_dice']:.4f} over the {index['with_truth']} image(s) with a ground-truth "
+              f"mask ({', '.join(index['masks'])})")
     return 0 if index["count"] else 1
 
 
 def inspect_model(preset: str) -> dict:
-    """Parameter counts and exchanged-state size of a preset (random init, CPU)."""
+    """Parameter counts and exchanged-state size of a preset (random init, CPU).
+
+    Sizes of the state one client sends (and receives) per round, per wire dtype:
+    ``exchange_bytes_raw*`` = values x bytes per value; ``exchange_bytes_wire*`` = the payload of
+    the state serialised as the run does (:func:`client.wire.state_to_record`: one Flower
+    ``Array`` per tensor, NumPy ``.npy`` bytes with their headers), the figure the run reports
+    count as bytes up / down; ``exchange_bytes_protobuf*`` = the whole ArrayRecord protobuf
+    message (payloads plus keys, dtypes and shapes).
+    """
+    from flwr.common.serde import array_record_to_proto
+
+    from client.wire import record_nbytes, state_to_record
+
     from .exchange import get_exchanged_state, state_nbytes, state_numel
     from .model import build_model, component_parameter_counts
 
     model = build_model(get_preset(preset))
     state = get_exchanged_state(model)
+    sizes: dict[str, int] = {}
+    for dtype, suffix in (("float32", ""), ("float16", "_fp16"), ("bfloat16", "_bf16")):
+        record = state_to_record(state, dtype)
+        sizes[f"exchange_bytes_raw{suffix}"] = state_nbytes(state, dtype)
+        sizes[f"exchange_bytes_wire{suffix}"] = record_nbytes(record)
+        sizes[f"exchange_bytes_protobuf{suffix}"] = array_record_to_proto(record).ByteSize()
     return {
         "preset": preset,
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": state_numel(state),
-        "exchange_bytes": state_nbytes(state, "float32"),
-        "exchange_bytes_fp16": state_nbytes(state, "float16"),
+        **sizes,
         "exchange_tensors": len(state),
         "components": component_parameter_counts(model),
     }
@@ -166,7 +186,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         print(f"preset {info['preset']}: {info['total_params']:,} parameters, "
-              f"{info['trainable_params']:,} trainable, exchanged {info['exchange_bytes'] / 2**20:.3f} MiB (fp32)")
+              f"{info['trainable_params']:,} trainable; exchanged state (float32) "
+              f"{info['exchange_bytes_raw']:,} B raw, {info['exchange_bytes_wire']:,} B on the wire (with the "
+              "arrays' headers)")
         for name, c in info["components"].items():
             print(f"  {name:<14} total {c['total']:>12,}  trainable {c['trainable']:>10,}")
     return 0
@@ -280,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="segment new images: masks, overlays, per-image JSON, predictions.json/.csv",
         description="Segment image files or folders with a trained checkpoint and a text prompt. Writes "
                     "OUT/masks/<name>.png (0/255, the image's own size), OUT/masks/<name>.json (boxes, area, "
-                    "components, score, confidence), OUT/overlays/<name>.png, the index OUT/predictions.json "
+                    "components, score, confidence, Dice when a ground-truth mask is known), OUT/overlays/<name>.png "
+                    "(with a legend), the index OUT/predictions.json "
                     "(checkpoint, preset, config fingerprint, prompt, threshold, skipped files with reasons) "
                     "and OUT/predictions.csv. Unreadable files are skipped and listed. Exit status 1 when "
                     "no image could be predicted.")
@@ -288,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     checked(p)
     p.add_argument("--prompt", default="polyp")
     p.add_argument("--boxes", help="JSON {image file name: [x0, y0, x1, y1] or a list of boxes} of user boxes")
+    p.add_argument("--masks", help="folder of ground-truth masks named like the images: draws their contour on "
+                                   "the overlays and writes per-image Dice (default: a masks/ folder next to a "
+                                   "folder input, as in <centre>/{images,masks})")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=4, help="images segmented together")
     p.add_argument("--out", default="runs/predict")

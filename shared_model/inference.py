@@ -19,6 +19,10 @@ from scipy import ndimage
 from .model import PromptSAM
 from .train import autocast_for, resolve_device
 
+MASK_COLOUR = (0, 255, 0)
+TRUTH_COLOUR = (255, 255, 0)
+BOX_COLOUR = (0, 255, 255)
+
 
 @dataclass
 class Prediction:
@@ -31,6 +35,8 @@ class Prediction:
         boxes: list of [x0, y0, x1, y1] in image pixels (the prompts used).
         score: predicted mask quality (SAM's IoU head).
         confidence: mean probability inside the predicted mask (0 when empty).
+        raw_saliency: H x W float32 in [0, 1], the M2IB saliency before the CRF (the heatmap
+            shown in overlays); None when not kept.
     """
 
     mask: np.ndarray
@@ -39,6 +45,12 @@ class Prediction:
     boxes: list[list[float]]
     score: float
     confidence: float
+    raw_saliency: np.ndarray | None = None
+
+    @property
+    def heat(self) -> np.ndarray:
+        """H x W saliency shown as the heatmap: the raw M2IB map when kept, else the refined one."""
+        return self.saliency if self.raw_saliency is None else self.raw_saliency
 
     def summary(self) -> dict:
         """JSON-able summary: boxes, area (pixels and fraction), score and confidence."""
@@ -178,11 +190,21 @@ def _to_prediction(out, prob: torch.Tensor, j: int, hw: tuple[int, int], size: i
         boxes=boxes,
         score=float(out.iou_pred[j].float().mean()),
         confidence=float(p[mask].mean()) if mask.any() else 0.0,
+        raw_saliency=resize(out.saliency).clip(0, 1).astype(np.float32),
     )
 
 
+def normalise(values: np.ndarray) -> np.ndarray:
+    """H x W values rescaled to [0, 1] per image (min -> 0, max -> 1; a constant map -> 0)."""
+    values = np.asarray(values, dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    if not high - low > 1e-8:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
 def heatmap(values: np.ndarray) -> np.ndarray:
-    """H x W in [0, 1] -> H x W x 3 uint8 with the 'jet' colour map."""
+    """H x W in [0, 1] -> H x W x 3 uint8 with the 'jet' colour map (0 dark blue, 1 dark red)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["jet"]
@@ -198,12 +220,21 @@ def _line_width(shape: tuple[int, ...]) -> int:
     return max(1, min(shape[:2]) // 150)
 
 
-def blend_saliency(image: np.ndarray | Image.Image, saliency: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """H x W x 3 uint8 image with the 'jet' heatmap of ``saliency`` (H x W in [0, 1]) blended in
-    where salient (weight ``alpha * saliency``)."""
+def blend_saliency(image: np.ndarray | Image.Image, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """H x W x 3 uint8 image under the 'jet' heatmap of ``saliency`` (H x W), normalised per image.
+
+    The whole image is tinted (weight ``alpha``), so low saliency shows as blue and the
+    colours match :func:`colour_bar` (the image's least salient pixel -> 0, most salient -> 1).
+    """
     img = _rgb(image).astype(np.float32)
-    weight = alpha * np.clip(saliency, 0, 1)[..., None]  # heat shows only where salient
-    return ((1 - weight) * img + weight * heatmap(saliency).astype(np.float32)).astype(np.uint8)
+    heat = heatmap(normalise(saliency)).astype(np.float32)
+    return ((1 - alpha) * img + alpha * heat).round().astype(np.uint8)
+
+
+def colour_bar(width: int, height: int) -> Image.Image:
+    """A horizontal ``width`` x ``height`` 'jet' colour bar, 0 (left) to 1 (right)."""
+    ramp = np.repeat(np.linspace(0.0, 1.0, max(width, 2), dtype=np.float32)[None, :width], max(height, 1), 0)
+    return Image.fromarray(heatmap(ramp))
 
 
 def draw_contour(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
@@ -222,7 +253,7 @@ def fill_mask(image: np.ndarray | Image.Image, mask: np.ndarray, colour: tuple[i
 
 
 def draw_boxes(image: np.ndarray | Image.Image, boxes: Sequence[Sequence[float]],
-               colour: tuple[int, int, int] = (0, 255, 255)) -> Image.Image:
+               colour: tuple[int, int, int] = BOX_COLOUR) -> Image.Image:
     """Image with the ``[x0, y0, x1, y1]`` boxes (image pixels) drawn as rectangles."""
     pil = Image.fromarray(_rgb(image))
     draw = ImageDraw.Draw(pil)
@@ -234,16 +265,16 @@ def draw_boxes(image: np.ndarray | Image.Image, boxes: Sequence[Sequence[float]]
 def panels(image: np.ndarray | Image.Image, pred: Prediction,
            truth: np.ndarray | None = None) -> dict[str, Image.Image]:
     """Separate views of one prediction: ``image``, ``ground truth`` (yellow, if given),
-    ``saliency`` (heatmap), ``boxes`` (cyan box prompts) and ``predicted mask`` (green; the
-    ground-truth contour in yellow for comparison)."""
+    ``saliency`` (heatmap normalised per image, see :func:`colour_bar`), ``boxes`` (cyan box
+    prompts) and ``predicted mask`` (green; the ground-truth contour in yellow for comparison)."""
     out = {"image": Image.fromarray(_rgb(image))}
     if truth is not None:
-        out["ground truth"] = Image.fromarray(fill_mask(image, truth, (255, 255, 0)))
-    out["saliency"] = Image.fromarray(blend_saliency(image, pred.saliency))
+        out["ground truth"] = Image.fromarray(fill_mask(image, truth, TRUTH_COLOUR))
+    out["saliency"] = Image.fromarray(blend_saliency(image, pred.heat))
     out["boxes"] = draw_boxes(image, pred.boxes)
-    predicted = fill_mask(image, pred.mask, (0, 255, 0))
+    predicted = fill_mask(image, pred.mask, MASK_COLOUR)
     if truth is not None:
-        draw_contour(predicted, truth, (255, 255, 0))
+        draw_contour(predicted, truth, TRUTH_COLOUR)
     out["predicted mask"] = Image.fromarray(predicted)
     return out
 
@@ -252,12 +283,67 @@ def overlay(
     image: np.ndarray | Image.Image,
     pred: Prediction,
     truth: np.ndarray | None = None,
-    alpha: float = 0.6,
+    alpha: float = 0.5,
+    legend: bool = True,
 ) -> Image.Image:
     """Image with the saliency heatmap blended in, the mask contour (green), the ground-truth
-    contour (yellow, if given) and the box prompts (cyan)."""
-    out = blend_saliency(image, pred.saliency, alpha)
-    for mask, colour in ((truth, (255, 255, 0)), (pred.mask, (0, 255, 0))):
+    contour (yellow, if given) and the box prompts (cyan); with ``legend``, a band below the
+    image (at its own size, top left) names each colour and shows the heatmap's colour bar."""
+    out = blend_saliency(image, pred.heat, alpha)
+    for mask, colour in ((truth, TRUTH_COLOUR), (pred.mask, MASK_COLOUR)):
         if mask is not None:
             draw_contour(out, mask, colour)
-    return draw_boxes(out, pred.boxes)
+    drawn = draw_boxes(out, pred.boxes)
+    return add_legend(drawn, truth is not None) if legend else drawn
+
+
+def add_legend(image: Image.Image, truth: bool, min_width: int = 240) -> Image.Image:
+    """``image`` above a dark legend band: predicted mask, ground truth (if ``truth``), box
+    prompts and the saliency colour bar (low = the image's least salient pixel, high = its most).
+
+    The canvas is ``max(W, min_width)`` wide; the image keeps its size at the top left.
+    """
+    from PIL import ImageFont
+
+    width = max(image.width, min_width)
+    size = int(np.clip(round(width / 30), 10, 24))
+    font = ImageFont.load_default(size=size)
+    swatch, gap, row = int(1.6 * size), size, int(1.7 * size)
+    items: list[tuple[str, str | tuple[int, int, int]]] = [("predicted mask", MASK_COLOUR)]
+    if truth:
+        items.append(("ground truth", TRUTH_COLOUR))
+    items += [("box prompts", "box"), ("saliency", "bar")]
+
+    def text_width(text: str) -> int:
+        return int(np.ceil(font.getlength(text)))
+
+    bar = 5 * size
+    widths = [swatch + size // 3 + text_width(label) if kind != "bar" else
+              text_width("saliency: low ") + bar + text_width(" high") for label, kind in items]
+    rows, x = [[]], gap // 2
+    for item, w in zip(items, widths):
+        if x + w > width - gap // 2 and rows[-1]:
+            rows.append([])
+            x = gap // 2
+        rows[-1].append((item, x))
+        x += w + gap
+    canvas = Image.new("RGB", (width, image.height + row * len(rows) + size // 2), (28, 28, 32))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, size // 5)
+    for r, entries in enumerate(rows):
+        top = image.height + size // 4 + r * row
+        mid = top + row // 2
+        for (label, kind), x in entries:
+            if kind == "bar":
+                draw.text((x, mid), "saliency: low", fill="white", font=font, anchor="lm")
+                x0 = x + text_width("saliency: low ")
+                canvas.paste(colour_bar(bar, size), (x0, mid - size // 2))
+                draw.text((x0 + bar + text_width(" "), mid), "high", fill="white", font=font, anchor="lm")
+                continue
+            if kind == "box":
+                draw.rectangle([x, mid - size // 2, x + swatch, mid + size // 2], outline=BOX_COLOUR, width=line)
+            else:
+                draw.line([x, mid, x + swatch, mid], fill=kind, width=2 * line)
+            draw.text((x + swatch + size // 3, mid), label, fill="white", font=font, anchor="lm")
+    return canvas

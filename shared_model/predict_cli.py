@@ -3,8 +3,10 @@
 :func:`predict_folder` writes, under the output folder:
 
 * ``masks/<name>.png``: the binary mask (0/255) at the image's own size;
-* ``masks/<name>.json``: that image's summary (boxes, area, components, score, confidence, ...);
-* ``overlays/<name>.png``: the image with the saliency heatmap, mask contour and box prompts;
+* ``masks/<name>.json``: that image's summary (boxes, area, components, score, confidence, ...,
+  and ``dice`` / ``iou`` against its ground-truth mask when there is one);
+* ``overlays/<name>.png``: the image with the saliency heatmap, mask contour, box prompts and the
+  ground-truth contour (when known), above a legend band;
 * ``predictions.json``: the index: checkpoint, preset, config fingerprint, prompt, threshold,
   device, one summary per image, and every skipped file with its reason;
 * ``predictions.csv``: one row per predicted image (for a spreadsheet).
@@ -12,6 +14,11 @@
 ``<name>`` is the file's stem; when two inputs share a stem the later ones get their suffix
 appended (``a.png``, ``a.jpg`` -> ``a``, ``a_jpg``). Unreadable images, files of other types found
 in a folder and images whose user boxes do not fit them are skipped and listed, never silently.
+
+Ground truth: ``--masks DIR`` (masks named by the images' stems, any image type), else, for a
+folder input in the project's dataset layout, its ``masks/`` child or, for ``<centre>/images``,
+the sibling ``<centre>/masks``. Masks follow :func:`~shared_model.data.folder.load_mask` (binary,
+the image's size); an image without a usable mask gets ``dice: null`` and the reason.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import config_fingerprint
-from .data.folder import IMAGE_EXTENSIONS
+from .data.folder import IMAGE_EXTENSIONS, DataError, load_mask
 from .inference import check_device, overlay, predict_images
+from .metrics import segmentation_metrics
 from .model import PromptSAM
 
 CSV_COLUMNS = ("image", "width", "height", "area_pixels", "area_fraction", "components", "score",
-               "confidence", "boxes", "mask", "overlay")
+               "confidence", "dice", "iou", "boxes", "mask", "overlay", "truth")
 
 
 def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -109,6 +117,62 @@ def load_user_boxes(path: str | Path) -> dict[str, list[list[float]]]:
     return out
 
 
+def truth_folders(inputs: Sequence[str | Path], masks: str | Path | None = None) -> dict[Path | None, Path]:
+    """Ground-truth mask folder of each folder input (``--masks`` applies to every input).
+
+    Without ``masks``: a folder's ``masks/`` child, or the sibling ``masks/`` of a folder named
+    ``images`` (the dataset layout ``<centre>/{images,masks}``); folders with neither are absent.
+    With ``masks``, the key None maps to it (for every image, files named directly too).
+
+    Raises:
+        FileNotFoundError: ``masks`` is given but is not a folder.
+    """
+    if masks is not None:
+        if not Path(masks).is_dir():
+            raise FileNotFoundError(f"--masks {masks}: folder not found")
+        return {None: Path(masks)}
+    found: dict[Path | None, Path] = {}
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            continue
+        for candidate in (item / "masks", item.parent / "masks" if item.name == "images" else None):
+            if candidate is not None and candidate.is_dir():
+                found[item] = candidate
+                break
+    return found
+
+
+def _mask_index(folder: Path) -> dict[str, Path]:
+    """Mask files of ``folder`` by stem (image types only; hidden files ignored)."""
+    return {f.stem: f for f in sorted(folder.iterdir())
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS}
+
+
+class TruthLookup:
+    """Finds and reads the ground-truth mask of an image from :func:`truth_folders`."""
+
+    def __init__(self, folders: dict[Path | None, Path]) -> None:
+        self.folders = folders
+        self._index = {folder: _mask_index(folder) for folder in set(folders.values())}
+
+    def folder_of(self, image: Path) -> Path | None:
+        """The mask folder that applies to ``image`` (None: no ground truth is known)."""
+        return self.folders.get(None) or self.folders.get(image.parent)
+
+    def read(self, image: Path, width: int, height: int) -> tuple[np.ndarray | None, str | None, str | None]:
+        """``(H x W bool mask, mask path, problem)`` of ``image``; the mask is None on a problem."""
+        folder = self.folder_of(image)
+        if folder is None:
+            return None, None, None
+        path = self._index[folder].get(image.stem)
+        if path is None:
+            return None, None, f"no mask named {image.stem}.* in {folder}"
+        try:
+            return load_mask(path, (width, height)), str(path), None
+        except DataError as err:
+            return None, str(path), str(err)
+
+
 def _box_problem(boxes: list[list[float]], width: int, height: int) -> str | None:
     for box in boxes:
         x0, y0, x1, y1 = box
@@ -157,6 +221,7 @@ def predict_folder(
     user_boxes: dict[str, list[list[float]]] | None = None,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    masks: str | Path | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``inputs`` and write masks, overlays, JSON and CSV under ``out``.
 
@@ -171,17 +236,22 @@ def predict_folder(
         user_boxes: File name -> boxes in that image's pixels (see :func:`load_user_boxes`).
         checkpoint: The checkpoint's path, recorded in the index.
         progress: Show a progress bar (per image).
+        masks: Folder of ground-truth masks (by image stem); default: found next to folder
+            inputs (see :func:`truth_folders`).
 
     Returns:
-        The index written to ``predictions.json``.
+        The index written to ``predictions.json`` (with ``mean_dice`` over the images that had a
+        ground-truth mask).
 
     Raises:
-        ValueError: Bad device or batch size. FileNotFoundError: a missing input or no images.
+        ValueError: Bad device or batch size. FileNotFoundError: a missing input, no images or a
+        ``masks`` that is not a folder.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     dev = check_device(device)
     files, skipped = list_images(inputs)
+    truths = TruthLookup(truth_folders(inputs, masks))
     user_boxes = user_boxes or {}
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -217,14 +287,20 @@ def predict_folder(
                                boxes=group_boxes if any(b is not None for b in group_boxes) else None,
                                threshold=threshold, batch_size=batch_size, device=dev)
         for (path, name, image, boxes), pred in zip(group, preds):
+            truth, truth_path, problem = truths.read(path, image.shape[1], image.shape[0])
+            if problem is not None:
+                tqdm.write(f"no ground truth for {path}: {problem}", file=sys.stderr)
+            scores = (segmentation_metrics(pred.mask[None], truth[None])[0] if truth is not None
+                      else {"dice": None, "iou": None})
             Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / "masks" / f"{name}.png")
-            overlay(image, pred).save(out / "overlays" / f"{name}.png")
+            overlay(image, pred, truth).save(out / "overlays" / f"{name}.png")
             info = pred.summary()
             summary = {
                 "image": str(path), "name": name,
                 "width": int(image.shape[1]), "height": int(image.shape[0]),
                 "prompt": prompt, "threshold": threshold, **info,
                 "score": _finite(info["score"]), "confidence": _finite(info["confidence"]),
+                "dice": scores["dice"], "iou": scores["iou"], "truth": truth_path, "truth_problem": problem,
                 "user_boxes": boxes is not None,
                 "mask": f"masks/{name}.png", "overlay": f"overlays/{name}.png",
             }
@@ -235,6 +311,7 @@ def predict_folder(
     unused = sorted(set(user_boxes) - {f.name for f in files})
     if unused:
         print(f"warning: boxes given for files not among the inputs: {unused}", file=sys.stderr)
+    scored = [s["dice"] for s in summaries if s["dice"] is not None]
     index = {
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "preset": model.cfg.preset,
@@ -244,6 +321,9 @@ def predict_folder(
         "device": str(dev),
         "batch_size": batch_size,
         "count": len(summaries),
+        "masks": sorted({str(f) for f in truths.folders.values()}),
+        "with_truth": len(scored),
+        "mean_dice": sum(scored) / len(scored) if scored else None,
         "images": summaries,
         "skipped": skipped,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from shared_model.data.folder import PolypDataset, list_samples
 from shared_model.model import build_model
 from simulation.experiment import PROJECT_ROOT
 from simulation.inprocess import run_inprocess
-from tests.server.test_report import _rows
+from tests.server.test_report import _rows, _same_data_rows
 
 DEMO = PROJECT_ROOT / "simulation" / "configs" / "demo.yaml"
 FAST = {
@@ -145,8 +146,10 @@ def test_html_is_self_contained_and_complete(tmp_path, overlays):
     assert not page.tags & {"script", "link", "iframe", "object", "em"}  # escaped, nothing loaded
     assert "url(" not in text and "@import" not in text and "&lt;em&gt;c&amp;d&lt;/em&gt;" in text
 
-    keys = {cells[0][0] for name, table in page.tables.items() if name == "kv" for cells in table}
-    assert set(run_config) <= keys
+    kv = {cells[0][0]: cells[1][0] for name, table in page.tables.items() if name == "kv" for cells in table}
+    switches = ("privacy-local-dp", "privacy-central-dp", "privacy-secagg")
+    assert {k for k in run_config if not k.startswith("privacy-")} | set(switches) == set(kv)
+    assert [kv[k] for k in switches] == ["off"] * 3  # DP off: no epsilon 8.0, no deltas, no clipping norms
     assert "<details>" in text and '"preset": "tiny"' in text.replace("&quot;", '"')
 
     rounds = page.tables["rounds"]
@@ -154,6 +157,9 @@ def test_html_is_self_contained_and_complete(tmp_path, overlays):
     assert {"a", "b"} <= set(page.heads["rounds"]) and "train replies: local val-Dice" in page.heads["rounds"]
     assert [c[0] for c in rounds[2]][:5] == ["2", "0.5000", "0.2500", "8.00", "0.5000"]
     assert [r[0][0] for r in page.tables["payload"]] == ["1", "2"]
+    arithmetic = "4,800 B in all = 2 clients x 2 rounds x (400 B up + 2 x 400 B down: train and evaluate)."
+    assert text.count(arithmetic) == 2  # under the summary cards and in the payload section
+    assert "Federated Dice: the mean of the hospitals&#x27; Dice" in text and "same images" not in text
     assert [r[4][0] for r in page.tables["dropped"]] == ["non-finite values in <arrays>"] * 2
     assert "privacy" not in page.ids and "epsilon" not in page.tables
 
@@ -165,7 +171,45 @@ def test_html_is_self_contained_and_complete(tmp_path, overlays):
     assert [r[0][0] for r in test] == ["pooled", "centre_0"] and test[0][1][0] == "0.4200"
 
 
+def test_privacy_settings_shown_only_for_what_is_on(tmp_path):
+    page = Page(_write(tmp_path, _dp_rows(), None, _run_config(local_dp=True)).read_text())
+    kv = {cells[0][0]: cells[1][0] for name, table in page.tables.items() if name == "kv" for cells in table}
+    assert (kv["privacy-local-dp"], kv["privacy-epsilon"], kv["privacy-delta"]) == ("true", "8.0", "1e-05")
+    assert (kv["privacy-central-dp"], kv["privacy-secagg"]) == ("off", "off")
+    assert not {k for k in kv if k.startswith(("privacy-central-", "privacy-adaptive-", "privacy-secagg-"))
+                and k != "privacy-central-dp"}
+
+
+def test_one_dice_column_when_federated_and_global_are_the_same_images(tmp_path):
+    page = Page(_write(tmp_path, _same_data_rows(), None).read_text())
+    heads = page.heads["rounds"]
+    assert "Dice (= federated mean)" in heads and "mean" not in heads and {"a", "b"} <= set(heads)
+    assert [c[0] for c in page.tables["rounds"][2]][:4] == ["2", "0.5000", "0.2500", "8.00"]
+    assert "they are the same images" in (tmp_path / "report.html").read_text()
+
+
+def test_saliency_panels_are_heatmaps_with_a_colour_bar(tmp_path, overlays):
+    from PIL import Image
+
+    for ex in overlays:  # normalised per image: the least salient parts are blue, not the tissue's colour
+        heat, plain = (np.asarray(Image.open(io.BytesIO(ex["panels"][p])).convert("RGB")).astype(int)
+                       for p in ("saliency", "image"))
+        assert ((heat[..., 2] - heat[..., 0]) > 40).mean() > 0.25 > ((plain[..., 2] - plain[..., 0]) > 40).mean()
+    text = _write(tmp_path, _rows(), overlays).read_text()
+    assert '<figure class="cbar"><img alt="saliency colour bar" src="data:image/png;base64,' in text
+    assert "0 = the image's least salient pixel, 1 = its most salient" in text
+
+
 def test_epsilon_section_only_with_dp_rows_and_no_grid_without_eval_data(tmp_path):
+    rows = _dp_rows()
+    (run_dir := tmp_path / "run").mkdir()
+    summary = summarize(rows, 2, {"privacy": {"local_dp": False, "local_delta": None, "central_dp": "fixed",
+                                              "central_delta": 1e-5, "secagg": False}})
+    page = Page(write_html_report(run_dir, rows, summary, _run_config(central_dp="fixed"), None).read_text())
+    settings = {c[0][0]: c[1][0] for c in page.tables["kv"]}
+    assert {k: settings[k] for k in ("local_dp", "central_dp", "central_delta", "secagg")} == {
+        "local_dp": "off", "central_dp": "fixed", "central_delta": "1e-05", "secagg": "off"}
+    assert "local_delta" not in settings and settings["privacy-central-noise-multiplier"] == "1.0"
     page = Page(_write(tmp_path, _dp_rows(), None).read_text())
     assert "privacy" in page.ids
     assert [[c[0] for c in r[:3]] for r in page.tables["epsilon"]] == [["1", "1.250", "-"], ["2", "2.500", "-"]]

@@ -2,7 +2,8 @@
 
 import json
 
-from server.report import JsonLines, summarize, write_report
+from server.report import (JsonLines, dice_sources, payload_arithmetic, privacy_text, summarize,
+                           write_report)
 
 
 def _rows():
@@ -47,3 +48,56 @@ def test_write_report_makes_plots_summary_and_markdown(tmp_path):
     for name in ("dice.png", "bytes.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "summary.json").read_text())["best_dice"] == 0.5
+
+
+def _same_data_rows():
+    """_rows() where the hospitals' validation images are the server's evaluation set (as in the demo)."""
+    rows = _rows()
+    for row in rows:
+        if row["kind"] == "evaluate":
+            row["num-examples"] = 3
+        if row["kind"] == "global":
+            row["n"] = 6
+    fed = {r["round"]: r["dice"] for r in rows if r["kind"] == "round"}
+    for row in rows:
+        if row["kind"] == "global" and row["round"] in fed:
+            row["dice"] = fed[row["round"]] + 1e-9
+    return rows
+
+
+def test_payload_arithmetic_is_one_line_that_adds_up():
+    assert payload_arithmetic(_rows()) == ("4,800 B in all = 2 clients x 2 rounds x (400 B up + 2 x 400 B down: "
+                                           "train and evaluate)")
+    rows = _rows()
+    rows[-1]["bytes-down"] = 800  # last round: no evaluate messages
+    assert payload_arithmetic(rows) == ("4,000 B in all = 1,600 B up = 4 messages x 400 B + 2,400 B down = 6 messages "
+                                        "x 400 B")
+    rows[-1]["bytes-down"] = 801
+    assert payload_arithmetic(rows) == ("4,001 B in all = 1,600 B up = 4 messages x 400 B + 2,401 B down (sum of the "
+                                        "rounds)")
+
+
+def test_dice_sources_say_what_each_dice_is_and_when_they_are_the_same_images(tmp_path):
+    different = dice_sources(_rows())
+    assert not different["same"] and "Federated Dice: the mean of the hospitals' Dice" in different["note"]
+    text = write_report(tmp_path, _rows(), best_round=2).read_text()
+    assert "| round | global Dice | IoU | HD95 | federated Dice | a | b |" in text and "| 2 | 0.5000 |" in text
+
+    same = dice_sources(_same_data_rows())
+    assert same["same"] and (same["global_n"], same["federated_n"]) == (6, 6)
+    assert "they are the same images" in same["note"] and "global-eval = val" in same["note"]
+    text = write_report(tmp_path, _same_data_rows(), best_round=2).read_text()
+    assert "| round | global Dice (= federated) | IoU | HD95 | a | b |" in text and same["note"] in text
+    rows = _same_data_rows()
+    next(r for r in rows if r["kind"] == "global" and r["round"] == 2)["n"] = 7  # other images, by chance equal
+    assert not dice_sources(rows)["same"]
+
+
+def test_privacy_reads_off_when_no_dp_and_no_secagg(tmp_path):
+    off = {"local_dp": False, "local_epsilon_budget": None, "local_delta": None, "local_epsilon_by_hospital": {},
+           "central_dp": "off", "central_epsilon": None, "central_delta": None, "secagg": False}
+    assert privacy_text(off).startswith("off")
+    text = write_report(tmp_path, _rows(), 2, {"privacy": off}).read_text()
+    assert "- privacy: off (no local DP, no central DP, no secure aggregation)" in text and "epsilon" not in text
+    local = {**off, "local_dp": True, "local_epsilon_budget": 8.0, "local_delta": 1e-5}
+    assert json.loads(privacy_text(local)) == {"local_dp": True, "local_epsilon_budget": 8.0, "local_delta": 1e-5}

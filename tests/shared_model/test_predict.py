@@ -3,6 +3,7 @@ files, and the clear errors for wrong devices, presets, configs, states and non-
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from shared_model.checkpoint import (
 )
 from shared_model.cli import main
 from shared_model.config import get_preset
+from shared_model.inference import BOX_COLOUR, MASK_COLOUR, TRUTH_COLOUR, blend_saliency, heatmap, predict_images
 from shared_model.model import build_model
 from shared_model.predict_cli import CSV_COLUMNS, load_user_boxes
 
@@ -74,7 +76,8 @@ def test_predict_folder_writes_masks_overlays_index_and_csv(checkpoint, image_fo
         w, h = sizes[path.split("/")[-1]]
         mask = np.asarray(Image.open(out / row["mask"]))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
-        assert Image.open(out / row["overlay"]).size == (w, h)
+        shown = Image.open(out / row["overlay"])  # the image at its size, a legend band below
+        assert shown.width == max(w, 240) and shown.height > h
         assert (row["width"], row["height"]) == (w, h)
         assert row["area_pixels"] == int((mask > 0).sum())
         assert row["area_fraction"] == pytest.approx(row["area_pixels"] / (w * h))
@@ -180,3 +183,79 @@ def test_weight_paths_are_not_a_config_difference():
     assert config_differences(here, there) == []
     there.sam.image_size = 64
     assert config_differences(here, there) == ["sam.image_size: checkpoint 128, expected 64"]
+
+
+def _has_colour(image: np.ndarray, colour: tuple[int, int, int]) -> bool:
+    return bool((image.reshape(-1, 3) == colour).all(1).any())
+
+
+def test_ground_truth_gives_dice_contours_and_legend(checkpoint, synthetic_root, tmp_path, capsys):
+    """``<centre>/images`` finds the sibling masks/: Dice per image (hand-computed), a wrong-size mask
+    and a missing one are named, and the overlay shows the truth contour and a legend naming it."""
+    centre = synthetic_root / "centre_0"
+    images = sorted((centre / "images").iterdir())
+    for extra in images[3:]:
+        extra.unlink()
+        (centre / "masks" / extra.name).unlink()
+    (centre / "masks" / images[1].name).unlink()  # no mask for the second image
+    Image.new("L", (10, 10)).save(centre / "masks" / images[2].name)  # the third's has the wrong size
+    out = tmp_path / "pred"
+    assert main(["predict", str(centre / "images"), "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "mean Dice" in capsys.readouterr().out
+    index = json.loads((out / "predictions.json").read_text())
+    assert index["masks"] == [str(centre / "masks")] and index["with_truth"] == 1
+    rows = {Path(r["image"]).name: r for r in index["images"]}
+    first, missing, wrong = (rows[p.name] for p in images[:3])
+
+    truth = np.asarray(Image.open(centre / "masks" / images[0].name)) > 0
+    pred = np.asarray(Image.open(out / first["mask"])) > 0
+    assert first["dice"] == pytest.approx(2 * (truth & pred).sum() / (truth.sum() + pred.sum()))
+    assert index["mean_dice"] == first["dice"] and first["truth"] == str(centre / "masks" / images[0].name)
+    assert json.loads((out / "masks" / f"{first['name']}.json").read_text())["dice"] == first["dice"]
+    assert missing["dice"] is None and "no mask named" in missing["truth_problem"]
+    assert wrong["dice"] is None and "differs from its image's 64x64" in wrong["truth_problem"]
+    with open(out / "predictions.csv", newline="") as f:
+        table = {Path(r["image"]).name: r for r in csv.DictReader(f)}
+    assert float(table[images[0].name]["dice"]) == pytest.approx(first["dice"])
+    assert table[images[1].name]["dice"] == ""
+
+    for row, with_truth in ((first, True), (missing, False)):
+        shown = np.asarray(Image.open(out / row["overlay"]).convert("RGB"))
+        picture, legend = shown[:64, :64], shown[64:]
+        assert _has_colour(legend, MASK_COLOUR) and _has_colour(legend, BOX_COLOUR)
+        assert _has_colour(legend, TRUTH_COLOUR) == with_truth  # "ground truth" only when there is one
+        if with_truth:
+            edge = truth & ~np.roll(truth, 1, 0) & ~pred  # truth contour pixels the mask does not cover
+            assert (picture[edge] == TRUTH_COLOUR).all(1).mean() > 0.5
+
+
+def test_masks_flag_and_child_masks_folder(checkpoint, image_folder, tmp_path, capsys):
+    folder, sizes = image_folder
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu"]
+    assert main(["predict", str(folder), *common, "--out", str(tmp_path / "a"), "--masks", str(tmp_path / "no")]) == 2
+    assert f"--masks {tmp_path / 'no'}: folder not found" in capsys.readouterr().err
+    (folder / "masks").mkdir()  # a masks/ child of the input folder is found without the flag
+    Image.new("L", sizes["case_b.png"], 255).save(folder / "masks" / "case_b.png")
+    assert main(["predict", str(folder), *common, "--out", str(tmp_path / "b")]) == 0
+    rows = {Path(r["image"]).name: r for r in json.loads((tmp_path / "b" / "predictions.json").read_text())["images"]}
+    area = rows["case_b.png"]["area_fraction"]
+    assert rows["case_b.png"]["dice"] == pytest.approx(2 * area / (1 + area))  # truth = the whole image
+    elsewhere = tmp_path / "truth"
+    elsewhere.mkdir()
+    Image.new("L", sizes["case_a.png"], 0).save(elsewhere / "case_a.bmp")
+    assert main(["predict", str(folder / "case_a.png"), *common, "--out", str(tmp_path / "c"),
+                 "--masks", str(elsewhere)]) == 0
+    (row,) = json.loads((tmp_path / "c" / "predictions.json").read_text())["images"]
+    assert row["dice"] == (1.0 if row["area_pixels"] == 0 else 0.0)
+
+
+def test_saliency_heatmap_is_normalised_per_image(checkpoint):
+    ramp = np.tile(np.linspace(0.2, 0.3, 16, dtype=np.float32), (4, 1))  # a faint map spans the whole bar
+    black = np.zeros((4, 16, 3), np.uint8)
+    shown = blend_saliency(black, ramp, alpha=1.0)
+    assert (shown[:, 0] == heatmap(np.zeros(1))[0]).all() and (shown[:, -1] == heatmap(np.ones(1))[0]).all()
+    assert (blend_saliency(black, np.full((4, 16), 0.7), alpha=1.0) == heatmap(np.zeros(1))[0]).all()
+    model = load_model_checkpoint(checkpoint)[0]
+    (pred,) = predict_images(model, [np.full((40, 50, 3), 128, np.uint8)], device="cpu")
+    assert pred.raw_saliency.shape == (40, 50) and pred.heat is pred.raw_saliency  # the M2IB map, before the CRF

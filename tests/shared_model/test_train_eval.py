@@ -107,7 +107,22 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path, capsys):
 def test_inspect_json(capsys):
     assert main(["inspect", "--preset", "tiny", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["trainable_params"] * 4 == info["exchange_bytes"]
+    assert info["trainable_params"] * 4 == info["exchange_bytes_raw"]
+    assert info["trainable_params"] * 2 == info["exchange_bytes_raw_fp16"] == info["exchange_bytes_wire_bf16"]
+    from flwr.common.serde import array_record_from_proto, array_record_to_proto
+    from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
+
+    from client.wire import record_to_state, state_to_record
+    from shared_model.exchange import get_exchanged_state
+    from shared_model.model import build_model
+
+    state = get_exchanged_state(build_model("tiny"))
+    proto = array_record_to_proto(state_to_record(state)).SerializeToString()
+    assert len(proto) == info["exchange_bytes_protobuf"]
+    decoded = array_record_from_proto(ProtoArrayRecord.FromString(proto))
+    assert sum(len(a.data) for a in decoded.values()) == info["exchange_bytes_wire"]  # what the run counts
+    assert info["exchange_bytes_raw"] < info["exchange_bytes_wire"] < info["exchange_bytes_protobuf"]
+    assert all(torch.equal(a, b) for a, b in zip(record_to_state(decoded).values(), state.values()))
     assert info["total_params"] > info["trainable_params"] > 0
     assert set(info["components"]) >= {"sam", "clip_vision", "clip_text", "bottleneck", "prompts"}
 

@@ -28,12 +28,11 @@ is kept between calls as plain lists, so a Flower client can keep it in ``contex
 
 from __future__ import annotations
 
-import math
 import secrets
 import statistics
 import time
 from dataclasses import fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -57,7 +56,7 @@ from .dp_accounting import (  # noqa: F401 - re-exported: the accounting API liv
     would_exceed_budget,
 )
 from .model import PromptSAM, PromptSAMOutput, build_model
-from .train import LRSchedule, TrainResult, autocast_for, resolve_device
+from .train import GradientStep, LRSchedule, TrainResult, autocast_for, resolve_device, train_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,78 +206,69 @@ def train_model_dp(
             f"{dp.delta}; this hospital trains no further"
         )
 
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    scheduler = (schedule or LRSchedule()).scheduler(optimizer, cfg.warmup_steps, steps)
-    dp_optimizer = DPOptimizer(
-        optimizer, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=cfg.batch_size, generator=_generator(dp.noise_seed),
-    )
-    sampler = UniformWithReplacementSampler(
-        num_samples=n, sample_rate=q, steps=steps,
-        generator=_generator(dp.noise_seed + 1 if dp.noise_seed >= 0 else -1),
-    )
-    use_prox = proximal_reference is not None and cfg.proximal_mu > 0
+    step = DPGradientStep(dp, sigma, q, accountant)
+    result = train_model(model, dataset, cfg, device=device, steps=steps, proximal_reference=proximal_reference,
+                         optimizer_state=optimizer_state, on_step=on_step, schedule=schedule, gradient_step=step)
+    state = accountant_to_state(accountant)
+    return result, state, spent_epsilon(state, dp.delta, dp.accountant)
 
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    taken = 0
-    for step, indices in enumerate(sampler):
-        if cfg.time_limit_s > 0 and time.perf_counter() - start > cfg.time_limit_s:
-            break
-        if hasattr(dataset, "set_epoch"):  # fresh augmentations every step
-            dataset.set_epoch(cfg.seed + step)
-        batch = default_collate([dataset[i] for i in indices]) if indices else None
+
+class DPGradientStep(GradientStep):
+    """DP-SGD's gradient: a Poisson sample, per-example gradients, Opacus' clip + noise.
+
+    Args:
+        dp: Privacy settings (clipping bound, grad-sample mode, noise seed).
+        sigma: Noise multiplier.
+        sample_rate: Poisson sampling rate ``q``.
+        accountant: Opacus accountant; one step at ``(sigma, q)`` is recorded per step.
+    """
+
+    def __init__(self, dp: PrivacyConfig, sigma: float, sample_rate: float, accountant: Any) -> None:
+        self.dp, self.sigma, self.sample_rate, self.accountant = dp, sigma, sample_rate, accountant
+
+    def prepare(self, model: PromptSAM, dataset: Dataset, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                steps: int, device: torch.device) -> Iterator[dict | None]:
+        """Wrap the optimizer in Opacus' ``DPOptimizer``; batches are Poisson samples (None if empty)."""
+        self.dataset, self.cfg, self.device = dataset, cfg, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.dp_optimizer = DPOptimizer(
+            optimizer, noise_multiplier=self.sigma, max_grad_norm=self.dp.max_grad_norm,
+            expected_batch_size=cfg.batch_size, generator=_generator(self.dp.noise_seed),
+        )
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(dataset), sample_rate=self.sample_rate, steps=steps,
+            generator=_generator(self.dp.noise_seed + 1 if self.dp.noise_seed >= 0 else -1),
+        )
+        return (self._batch(step, indices) for step, indices in enumerate(sampler))
+
+    def _batch(self, step: int, indices: list[int]) -> dict | None:
+        if hasattr(self.dataset, "set_epoch"):  # fresh augmentations every step
+            self.dataset.set_epoch(self.cfg.seed + step)
+        return default_collate([self.dataset[i] for i in indices]) if indices else None
+
+    def compute(self, model: PromptSAM, batch: dict | None, step: int) -> tuple[dict[str, float], int, bool]:
+        """Per-example gradients, then clip each to ``max_grad_norm``, sum, add noise, average."""
         if batch is None:
-            grad_samples = {n_: p.new_zeros((0, *p.shape)) for n_, p in model.named_parameters() if p.requires_grad}
+            grad_samples = {n: p.new_zeros((0, *p.shape)) for n, p in model.named_parameters() if p.requires_grad}
             logs: list[dict[str, float]] = []
         else:
             grad_samples, logs = per_example_gradients(
-                model, batch["image"].to(device), batch["mask"].to(device), list(batch["text"]),
-                dp.grad_sample_mode, cfg.amp,
+                model, batch["image"].to(self.device), batch["mask"].to(self.device), list(batch["text"]),
+                self.dp.grad_sample_mode, self.cfg.amp,
             )
-        lr = optimizer.param_groups[0]["lr"]
-        for p, g in zip(params, grad_samples.values()):
+        for p, g in zip(self.params, grad_samples.values()):
             p.grad_sample = g.to(p.dtype)
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grad_samples.values()], 1).norm(dim=1)
-        if dp_optimizer.pre_step():  # clip, sum, add noise, divide by the expected batch size
-            if use_prox:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if p.requires_grad:
-                            p.grad += cfg.proximal_mu * (p - proximal_reference[name].to(p.device, p.dtype))
-            optimizer.step()
-        dp_optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        accountant.step(noise_multiplier=sigma, sample_rate=q)
-        taken += 1
         log = {k: statistics.fmean(d[k] for d in logs) for k in logs[0]} if logs else {}
-        log.update(lr=lr, batch_size=float(len(indices)), clipped=float((norms > dp.max_grad_norm).float().mean()) if len(norms) else 0.0)
-        history.append(log)
-        if on_step is not None:
-            on_step(step, log)
-    seconds = time.perf_counter() - start
+        log.update(batch_size=float(len(norms)),
+                   clipped=float((norms > self.dp.max_grad_norm).float().mean()) if len(norms) else 0.0)
+        # Counted as the expected batch size: the actual Poisson sizes depend on the data and are not released.
+        return log, self.cfg.batch_size, self.dp_optimizer.pre_step()
 
-    state = accountant_to_state(accountant)
-    epsilon = spent_epsilon(state, dp.delta, dp.accountant)
-    tail = [h["total"] for h in history[-20:] if "total" in h]
-    return (
-        TrainResult(
-            loss=statistics.fmean(tail) if tail else math.nan,
-            steps=taken,
-            num_examples=taken * cfg.batch_size,
-            seconds=seconds,
-            optimizer_state=optimizer.state_dict(),
-            history=history,
-        ),
-        state,
-        epsilon,
-    )
+    def finish(self) -> None:
+        """Clear the per-example gradients and record the step with the accountant."""
+        self.dp_optimizer.zero_grad(set_to_none=True)
+        self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.sample_rate)
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,6 +127,61 @@ def proximal_term(model: PromptSAM, reference: Mapping[str, torch.Tensor], mu: f
     return 0.5 * mu * total
 
 
+@torch.no_grad()
+def add_proximal_gradient(model: PromptSAM, reference: Mapping[str, torch.Tensor], mu: float) -> float:
+    """Add FedProx's gradient ``mu (w - w_ref)`` to every trainable parameter's ``.grad``.
+
+    The term needs no data, so it is added after the data gradient has been clipped (and, under
+    DP, noised). Returns the term's value ``mu / 2 ||w - w_ref||^2`` for the log.
+    """
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            diff = p - reference[name].to(p.device, p.dtype)
+            p.grad = mu * diff if p.grad is None else p.grad.add_(diff, alpha=mu)
+    return float(proximal_term(model, reference, mu))
+
+
+class GradientStep:
+    """How one training step turns data into gradients; the plain step: mean loss, backward, clip.
+
+    :func:`train_model` owns everything else (AdamW, schedule, FedProx, logging, time limit).
+    Subclasses (``shared_model.privacy.DPGradientStep``) change how batches are drawn and how the
+    gradient is formed.
+    """
+
+    def prepare(self, model: PromptSAM, dataset: Dataset, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                steps: int, device: torch.device) -> Iterator[dict]:
+        """Called once before the first step; returns the batch iterator (a seeded, shuffled loader)."""
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device, self.cfg = device, cfg
+        return infinite_batches(make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.num_workers),
+                                first_epoch=cfg.seed)
+
+    def compute(self, model: PromptSAM, batch: dict, step: int) -> tuple[dict[str, float], int, bool]:
+        """Fill ``.grad`` of the trainable parameters from ``batch``.
+
+        Returns:
+            (log of the step's loss parts, examples to count, whether the optimiser steps).
+
+        Raises:
+            FloatingPointError: On a non-finite loss.
+        """
+        images = batch["image"].to(self.device, non_blocking=True)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        with autocast_for(self.device, self.cfg.amp):
+            out = model(images, batch["text"])
+        loss, parts = model.compute_losses(out, masks)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        return parts, images.shape[0], True
+
+    def finish(self) -> None:
+        """Called after each step's optimiser update (DP: the accountant's bookkeeping)."""
+
+
 def train_model(
     model: PromptSAM,
     dataset: Dataset,
@@ -137,8 +192,9 @@ def train_model(
     optimizer_state: dict | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     schedule: LRSchedule | None = None,
+    gradient_step: GradientStep | None = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters with AdamW.
+    """Train the model's trainable parameters with AdamW: the one training loop, plain or DP-SGD.
 
     Args:
         model: The model; only parameters with ``requires_grad`` are optimised.
@@ -152,12 +208,15 @@ def train_model(
         on_step: Optional callback ``(step, parts)`` after each step.
         schedule: Position of this call in the run's learning-rate schedule (default: the
             call is the whole run: warm-up, then cosine decay over ``steps``).
+        gradient_step: How batches become gradients (default :class:`GradientStep`: mean loss,
+            backward, clipping; ``shared_model.privacy.DPGradientStep`` for DP-SGD).
 
     Returns:
         :class:`TrainResult`.
     """
     device = resolve_device(device)
     steps = cfg.steps if steps is None else steps
+    gradient_step = gradient_step or GradientStep()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -168,8 +227,7 @@ def train_model(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     scheduler = (schedule or LRSchedule()).scheduler(optimizer, cfg.warmup_steps, steps)
-    loader = make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.num_workers)
-    batches = infinite_batches(loader, first_epoch=cfg.seed)
+    batches = gradient_step.prepare(model, dataset, cfg, optimizer, steps, device)
     use_prox = proximal_reference is not None and cfg.proximal_mu > 0
 
     history: list[dict[str, float]] = []
@@ -177,40 +235,30 @@ def train_model(
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", disable=not cfg.progress, leave=False)
     for step in bar:
-        batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True)
-        with autocast_for(device, cfg.amp):
-            out = model(images, batch["text"])
-        loss, parts = model.compute_losses(out, masks)
-        if use_prox:
-            prox = proximal_term(model, proximal_reference, cfg.proximal_mu)
-            loss = loss + prox
-            parts["proximal"] = float(prox.detach())
-        parts["lr"] = optimizer.param_groups[0]["lr"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        parts, examples, update = gradient_step.compute(model, next(batches), step)
+        if update:
+            if use_prox:
+                parts["proximal"] = add_proximal_gradient(model, proximal_reference, cfg.proximal_mu)
+            optimizer.step()
+        gradient_step.finish()
         scheduler.step()
-        seen += images.shape[0]
+        parts["lr"] = lr
+        seen += examples
         history.append(parts)
-        bar.set_postfix(loss=f"{parts['total']:.3f}")
+        if "total" in parts:
+            bar.set_postfix(loss=f"{parts['total']:.3f}")
         if on_step is not None:
             on_step(step, parts)
         if cfg.time_limit_s > 0 and time.perf_counter() - start > cfg.time_limit_s:
             break
-    seconds = time.perf_counter() - start
-    tail = history[-min(len(history), 20):]
-    mean_loss = sum(h["total"] for h in tail) / max(1, len(tail))
+    tail = [h["total"] for h in history[-20:] if "total" in h]
     return TrainResult(
-        loss=mean_loss,
+        loss=sum(tail) / len(tail) if tail else math.nan,
         steps=len(history),
         num_examples=seen,
-        seconds=seconds,
+        seconds=time.perf_counter() - start,
         optimizer_state=optimizer.state_dict(),
         history=history,
     )

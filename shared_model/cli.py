@@ -114,7 +114,11 @@ def _evaluation_images(args: argparse.Namespace, payload: dict, image_size: int)
         data = from_dict(DataConfig, load_yaml(args.data_config), "data")
     elif record is not None and (not args.data or is_training_data(
             replace(DataConfig(), root=args.data, centres=args.centres or []), record)):
+        # The training data: its split settings (so "test" is the held-out split); the recorded
+        # centres only when no --data names the folder to score.
         data = from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__})
+        if args.data:
+            data.centres = []
     else:
         data = DataConfig()
     if args.data:

@@ -49,7 +49,8 @@ def choose_split(data: DataConfig, data_given: bool, split: str | None,
     if split is not None:
         return split, f"--split {split}"
     if not data_given:
-        return "test", "no --data: the test split of the default data"
+        where = "the checkpoint's training data" if record is not None else f"the default data ({data.root})"
+        return "test", f"no --data: the test split of {where}"
     if record is None:
         return "test", ("the checkpoint does not record its training data, so --data may be it: its test "
                         "split is scored (--split all scores every image)")

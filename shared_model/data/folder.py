@@ -163,6 +163,9 @@ def resolve_centres(
                             f"so centres {extra} are not in it; give the dataset root to choose centres")
         return root.parent, [root.name]
     available = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if not available and root.name == "images" and (root.parent / "masks").is_dir():
+        raise DataError(f"{root}: is an images/ folder; give the folder above it ({root.parent}), which holds "
+                        "images/ and masks/")
     if not available:
         raise DataError(f"{root}: no centre folders; expected <root>/<centre>/images + masks, or "
                         "<folder>/images + masks for a single centre")

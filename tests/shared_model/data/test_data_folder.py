@@ -325,5 +325,7 @@ def test_resolve_centres(synthetic_root):
     assert resolve_centres(synthetic_root) == (synthetic_root, ["centre_0", "centre_1", "centre_2"])
     assert resolve_centres(synthetic_root / "centre_2") == (synthetic_root, ["centre_2"])
     assert is_centre_folder(synthetic_root / "centre_0") and not is_centre_folder(synthetic_root)
-    with pytest.raises(DataError, match="no centre folders"):
+    with pytest.raises(DataError, match=r"is an images/ folder; give the folder above it \(.*centre_0\)"):
         resolve_centres(synthetic_root / "centre_0" / "images")
+    with pytest.raises(DataError, match="no centre folders"):
+        resolve_centres(synthetic_root / "centre_0" / "masks")

@@ -101,48 +101,9 @@ def _load_checked(args: argparse.Namespace):
     return load_model_checkpoint(args.checkpoint, expect_preset=args.preset, expect_config=expect)
 
 
-def _evaluation_images(args: argparse.Namespace, payload: dict, image_size: int):
-    """The dataset ``evaluate`` scores and the lines saying which images and why (see evaluate_cli)."""
-    from .config import check_data, from_dict
-    from .data.folder import PolypDataset, list_samples
-    from .data.splits import build_splits
-    from .evaluate_cli import choose_split, describe_images, is_training_data
-
-    record = (payload.get("extra") or {}).get("data")
-    record = record if isinstance(record, dict) and "root" in record else None
-    if args.data_config:
-        data = from_dict(DataConfig, load_yaml(args.data_config), "data")
-    elif record is not None and (not args.data or is_training_data(
-            replace(DataConfig(), root=args.data, centres=args.centres or []), record)):
-        # The training data: its split settings (so "test" is the held-out split); the recorded
-        # centres only when no --data names the folder to score.
-        data = from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__})
-        if args.data:
-            data.centres = []
-    else:
-        data = DataConfig()
-    if args.data:
-        data.root = args.data
-    if args.centres:
-        data.centres = args.centres
-    data.augment = False
-    check_data(data, f"{args.data_config}: data." if args.data_config else "data.")
-    split, why = choose_split(data, bool(args.data), args.split, record)
-    if split == "all":
-        samples, _ = list_samples(data.root, data.centres or None, data.on_error)
-    else:
-        samples = build_splits(data)[0][split]
-        if not samples:
-            raise ValueError(f"the {split} split of {data.root} is empty (fractions val {data.val_fraction}, "
-                             f"test {data.test_fraction}); --split all scores every image")
-    dataset = PolypDataset(samples, image_size, augment=False, prompt_mode=data.prompt_mode,
-                           class_name=data.class_name, on_error=data.on_error)
-    return dataset, split, [why, describe_images(dataset.samples, data.root, split)]
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, evaluate_prompt_styles, format_prompt_table, score_constant_mask
-    from .evaluate_cli import baseline_mask, format_centre_table
+    from .evaluate_cli import baseline_mask, evaluation_images, format_centre_table
     from .inference import check_device
 
     styles_mode = args.prompt_styles or args.styles is not None
@@ -150,7 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt and --prompt-styles/--styles exclude each other")
     check_device(args.device)
     model, payload = _load_checked(args)
-    dataset, split, lines = _evaluation_images(args, payload, model.image_size)
+    dataset, split, lines = evaluation_images(payload, model.image_size, args.data, args.centres,
+                                              args.data_config, args.split)
     for line in lines:
         print(line, flush=True)
     if styles_mode:

@@ -24,6 +24,8 @@ from .config import DataConfig, to_dict
 if TYPE_CHECKING:
     import torch
 
+    from .data.folder import PolypDataset
+
 SPLIT_CHOICES = ("all", "train", "val", "test")
 
 
@@ -57,6 +59,66 @@ def choose_split(data: DataConfig, data_given: bool, split: str | None,
     if is_training_data(data, record):
         return "test", "--data is the checkpoint's training data: its held-out test split is scored"
     return "all", "--data is not the checkpoint's training data: every image is scored"
+
+
+def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str | None = None,
+                      centres: list[str] | None = None, data_config: str | None = None,
+                      split: str | None = None) -> tuple["PolypDataset", str, list[str]]:
+    """The images ``promptsam evaluate`` scores, per the module's rule.
+
+    Args:
+        payload: The checkpoint (its ``extra["data"]`` is the training data, if recorded).
+        image_size: The model's input size S.
+        data_arg: ``--data`` (a dataset root or one centre's folder).
+        centres: ``--centres``.
+        data_config: ``--data-config`` (a YAML of DataConfig fields).
+        split: ``--split`` (one of :data:`SPLIT_CHOICES`) or None for the default rule.
+
+    Returns:
+        ``(dataset, split scored, [why these images, which images])``.
+
+    Raises:
+        ConfigError, DataError, ValueError: Bad data settings or folders (naming them), or an
+            empty split.
+    """
+    from .config import ConfigError, check_data, from_dict, load_yaml
+    from .data.folder import PolypDataset, list_samples
+    from .data.splits import build_splits
+
+    record = (payload.get("extra") or {}).get("data")
+    record = record if isinstance(record, dict) and "root" in record else None
+    if data_config:
+        raw = load_yaml(data_config)
+        try:
+            data = from_dict(DataConfig, raw, "data")
+        except ConfigError as err:
+            raise ConfigError(f"{data_config}: {err}") from None
+    elif record is not None and (not data_arg or is_training_data(
+            DataConfig(root=data_arg, centres=list(centres or [])), record)):
+        # The training data: its split settings (so "test" is the held-out split); the recorded
+        # centres only when no --data names the folder to score.
+        data = from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__})
+        if data_arg:
+            data.centres = []
+    else:
+        data = DataConfig()
+    if data_arg:
+        data.root = data_arg
+    if centres:
+        data.centres = list(centres)
+    data.augment = False
+    check_data(data, f"{data_config}: data." if data_config else "data.")
+    split, why = choose_split(data, bool(data_arg), split, record)
+    if split == "all":
+        samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+    else:
+        samples = build_splits(data)[0][split]
+        if not samples:
+            raise ValueError(f"the {split} split of {data.root} is empty (fractions val {data.val_fraction}, "
+                             f"test {data.test_fraction}); --split all scores every image")
+    dataset = PolypDataset(samples, image_size, augment=False, prompt_mode=data.prompt_mode,
+                           class_name=data.class_name, on_error=data.on_error)
+    return dataset, split, [why, describe_images(dataset.samples, data.root, split)]
 
 
 def baseline_mask(payload: Mapping[str, Any]) -> tuple["torch.Tensor | None", str]:
@@ -103,5 +165,5 @@ def format_centre_table(by_centre: Mapping[str, Mapping[str, float]], overall: M
     return "\n".join(lines)
 
 
-__all__ = ["SPLIT_CHOICES", "baseline_mask", "choose_split", "describe_images",
+__all__ = ["SPLIT_CHOICES", "baseline_mask", "choose_split", "describe_images", "evaluation_images",
            "format_centre_table", "is_training_data", "training_record"]

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
@@ -363,6 +363,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def blame_overrides(err: ConfigError, source: str, overrides: Mapping[str, Any],
+                    reparse: Callable[[], Any], flag: str = "--set") -> ConfigError:
+    """The error of a config parsed with ``overrides``, naming who gave the bad value.
+
+    If the file alone (``reparse``) fails the same way, the file is to blame and ``err`` is kept.
+    Otherwise an override is: the error names ``flag`` and the override key as the user wrote it
+    (``--set federation.num_server_rounds=-1: federation.num_server_rounds: must be >= 1``).
+    """
+    try:
+        reparse()
+    except ConfigError as file_err:
+        if str(file_err) == str(err):
+            return err
+    message = str(err).removeprefix(f"{source}: ")
+    named = [k for k in overrides if message.startswith((f"{k}:", f"{k}[", f"{k}."))]
+    items = " ".join(f"{flag} {k}={overrides[k]}" for k in (named or list(overrides)))
+    return ConfigError(f"{items}: {message}")
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

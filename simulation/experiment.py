@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -35,6 +35,7 @@ from shared_model.config import (
     PartitionConfig,
     PrivacyConfig,
     TrainConfig,
+    blame_overrides,
     check_data,
     check_federation,
     check_privacy,
@@ -179,25 +180,6 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
     if exp.data.split_file and not Path(exp.data.split_file).is_absolute():
         exp.data.split_file = str((PROJECT_ROOT / exp.data.split_file).resolve())
     return exp
-
-
-def blame_overrides(err: ConfigError, source: str, overrides: Mapping[str, Any],
-                    reparse: Callable[[], Any], flag: str = "--set") -> ConfigError:
-    """The error of a config parsed with ``overrides``, naming who gave the bad value.
-
-    If the file alone (``reparse``) fails the same way, the file is to blame and ``err`` is kept.
-    Otherwise an override is: the error names ``flag`` and the override key as the user wrote it
-    (``--set federation.num_server_rounds=-1: federation.num_server_rounds: must be >= 1``).
-    """
-    try:
-        reparse()
-    except ConfigError as file_err:
-        if str(file_err) == str(err):
-            return err
-    message = str(err).removeprefix(f"{source}: ")
-    named = [k for k in overrides if message.startswith((f"{k}:", f"{k}[", f"{k}."))]
-    items = " ".join(f"{flag} {k}={overrides[k]}" for k in (named or list(overrides)))
-    return ConfigError(f"{items}: {message}")
 
 
 def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:

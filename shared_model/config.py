@@ -211,7 +211,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """A folder dataset ``<root>/<centre>/{images,masks}`` and its split."""
+    """A folder dataset ``<root>/<centre>/{images,masks}`` and its split.
+
+    ``root`` may also be one centre's own folder ``<folder>/{images,masks}`` (the centre is then the
+    folder's name; see :func:`shared_model.data.folder.resolve_centres`).
+    """
 
     root: str = "../shared/data/polyp"
     centres: list[str] = field(default_factory=list)  # empty = every centre folder under root

@@ -3,7 +3,8 @@
 Which images (the rule, also in ``promptsam evaluate --help`` and the README):
 
 * ``--split all`` scores every image of ``--data``; ``--split train|val|test`` scores that split
-  (fractions and seed of ``--data-config``, default 0.1 / 0.2 / seed 0).
+  (split settings of ``--data-config``, else those recorded with the training data when ``--data``
+  is it, else val 0.1 / test 0.2 / seed 0).
 * Without ``--split``: when ``--data`` is a folder the checkpoint was *not* trained on, every image
   is scored; when it is the training data (the same root with a common centre), or no ``--data`` is
   given, or the checkpoint does not record its training data (federated and older checkpoints),

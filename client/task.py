@@ -111,17 +111,15 @@ class LocalData:
 
 
 def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict[str, list]]:
-    from shared_model.data.folder import list_samples
+    from shared_model.data.folder import is_centre_folder, list_samples
     from shared_model.data.splits import split_samples
 
     data = settings.data
     if node.data_path:
         path = Path(node.data_path)
-        if (path / "images").is_dir():
-            root, centres = path.parent, [path.name]
-        else:
-            root, centres = path, data.centres or None
-        samples, _ = list_samples(root, centres, data.on_error)
+        # The run's centre list names the pooled data's centres, not this hospital's own folder.
+        centres = None if is_centre_folder(path) else data.centres or None
+        samples, _ = list_samples(path, centres, data.on_error)
         val = data.val_fraction if node.val_fraction is None else node.val_fraction
         test = data.test_fraction if node.test_fraction is None else node.test_fraction
         seed = data.split_seed if node.split_seed is None else node.split_seed

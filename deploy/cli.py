@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from shared_model.argtypes import add_command, port, positive_int
+
 from .certs import DEFAULT_SANS, bundle_paths, generate_certs, write_node_keypair
 from .commands import (
     SUPERLINK_PORT,
@@ -133,57 +135,63 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``deploy`` and its subcommands to ``promptsam``'s subparsers."""
-    deploy = subparsers.add_parser("deploy", help="Flower deployment: certificates, keys, commands, compose")
-    add_subcommands(deploy.add_subparsers(dest="deploy_command", required=True))
+    deploy = add_command(subparsers, "deploy", "Flower deployment: certificates, keys, commands, compose")
+    add_subcommands(deploy.add_subparsers(dest="deploy_command", required=True, title="steps", metavar="STEP"))
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """The ``deploy`` subcommands (each sets ``func``)."""
 
-    p = sub.add_parser("certs", help="CA, SuperLink TLS certificate and one SuperNode key pair per hospital")
+    p = add_command(sub, "certs", "CA, SuperLink TLS certificate and one SuperNode key pair per hospital")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--san", action="append", metavar="IP:ADDR|DNS:NAME",
                    help=f"subject alternative name of the SuperLink (repeat; default {' '.join(DEFAULT_SANS)})")
     p.add_argument("--hospitals", nargs="*", default=[], help="hospital names (file names of their keys)")
-    p.add_argument("--ca-days", type=int, default=3650)
-    p.add_argument("--server-days", type=int, default=825)
+    p.add_argument("--ca-days", type=positive_int, default=3650, help="validity of the CA certificate in days "
+                   "(default: 3650)")
+    p.add_argument("--server-days", type=positive_int, default=825, help="validity of the SuperLink's TLS "
+                   "certificate in days (default: 825)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_certs)
 
-    p = sub.add_parser("keygen", help="one hospital's SuperNode key pair (run at the hospital)")
-    p.add_argument("--name", required=True)
-    p.add_argument("--out", default=".")
-    p.add_argument("--force", action="store_true")
+    p = add_command(sub, "keygen", "one hospital's SuperNode key pair (run at the hospital)")
+    p.add_argument("--name", required=True, help="the hospital's name (file name of its keys)")
+    p.add_argument("--out", default=".", help="output folder (default: the current one)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("connect", help="add a SuperLink connection to $FLWR_HOME/config.toml (flwr CLI)")
-    p.add_argument("--name", default="promptsam")
+    p = add_command(sub, "connect", "add a SuperLink connection to $FLWR_HOME/config.toml (flwr CLI)")
+    p.add_argument("--name", default="promptsam", help="name of the connection (default: promptsam)")
     p.add_argument("--address", required=True, help="host:port of the SuperLink")
     p.add_argument("--ca", help="CA certificate (ca.crt)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (never with real data)")
     p.set_defaults(func=cmd_connect)
 
-    p = sub.add_parser("superlink", help="print (or --exec) the coordinating site's flower-superlink command")
+    p = add_command(sub, "superlink", "print (or --exec) the coordinating site's flower-superlink command")
     p.add_argument("--certs", required=True, help="folder made by `deploy certs`")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=SUPERLINK_PORT)
+    p.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default: 0.0.0.0)")
+    p.add_argument("--port", type=port, default=SUPERLINK_PORT,
+                   help=f"the SuperLink's Fleet API port (default: {SUPERLINK_PORT})")
     p.add_argument("--database", default="superlink-state/state.db", help="SQLite state file")
-    p.add_argument("--isolation", choices=["subprocess", "process"], default="subprocess")
+    p.add_argument("--isolation", choices=["subprocess", "process"], default="subprocess",
+                   help="how the ServerApp runs: subprocess of the SuperLink, or a separate process "
+                        "(default: subprocess)")
     p.add_argument("--exec", action="store_true", help="run it instead of printing it")
     p.set_defaults(func=cmd_superlink)
 
-    p = sub.add_parser("supernode", help="print (or --exec) a hospital's flower-supernode command")
+    p = add_command(sub, "supernode", "print (or --exec) a hospital's flower-supernode command")
     p.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     p.add_argument("--ca", required=True, help="the federation's CA certificate")
     p.add_argument("--key", required=True, help="this hospital's private key")
-    p.add_argument("--data-path", required=True, help="folder with images/ and masks/")
-    p.add_argument("--port", type=int, default=SUPERNODE_PORT, help="this SuperNode's Runtime API port")
+    p.add_argument("--data-path", required=True, help="the hospital's folder (images/ + masks/) or a root of "
+                   "centre folders")
+    p.add_argument("--port", type=port, default=SUPERNODE_PORT, help="this SuperNode's Runtime API port")
     p.add_argument("--node-config", nargs="*", default=[], metavar="KEY=VALUE",
                    help='extra node config, e.g. val-fraction=0.2 partition-id=3')
     p.add_argument("--exec", action="store_true", help="run it instead of printing it")
     p.set_defaults(func=cmd_supernode)
 
-    p = sub.add_parser("run", help="check a run config, then print (or --exec) the flwr run command")
+    p = add_command(sub, "run", "check a run config, then print (or --exec) the flwr run command")
     p.add_argument("--app", default=".", help="the project folder (pyproject.toml)")
     p.add_argument("--connection", default="promptsam", help="flwr connection (see `deploy connect`)")
     p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
@@ -193,12 +201,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exec", action="store_true", help="run it instead of printing it")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("compose", help="write compose.yaml + compose.hospital.yaml for these hospitals")
-    p.add_argument("--hospitals", nargs="+", required=True)
-    p.add_argument("--out", default=str(Path(__file__).parent))
+    p = add_command(sub, "compose", "write compose.yaml + compose.hospital.yaml for these hospitals")
+    p.add_argument("--hospitals", nargs="+", required=True, help="hospital names (one SuperNode service each)")
+    p.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: deploy/)")
     p.set_defaults(func=cmd_compose)
 
-    p = sub.add_parser("load", help="load figure: round time vs number of SuperNodes on loopback")
+    p = add_command(sub, "load", "load figure: round time vs number of SuperNodes on loopback")
     p.add_argument("load_args", nargs=argparse.REMAINDER, help="arguments of python -m deploy.load")
     p.set_defaults(func=cmd_load)
 

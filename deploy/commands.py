@@ -150,7 +150,7 @@ def check_run_config(app_dir: str | Path, overrides: Mapping[str, Any]) -> dict[
     import tomli
     from flwr.common.config import flatten_dict
 
-    from shared_model.config import ConfigError, from_run_config
+    from shared_model.config import ConfigError, blame_overrides, from_run_config
 
     pyproject = Path(app_dir) / "pyproject.toml"
     if not pyproject.is_file():
@@ -162,7 +162,13 @@ def check_run_config(app_dir: str | Path, overrides: Mapping[str, Any]) -> dict[
         raise ConfigError(f"run config: unknown key(s) {unknown}; the keys are those of "
                           f"[tool.flwr.app.config] in {pyproject}")
     merged = {**declared, **overrides}
-    from_run_config(merged)
+    try:
+        from_run_config(merged)
+    except ConfigError as err:
+        blamed = blame_overrides(err, "", overrides, lambda: from_run_config(declared), flag="--run-config")
+        if blamed is err:  # the bad value is in the project's own run config
+            raise ConfigError(f"{pyproject}: [tool.flwr.app.config] {err}") from None
+        raise blamed from None
     return merged
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared_model.argtypes import positive_float, positive_int
+
 from .certs import generate_certs
 from .local import LocalFederation, descendants
 
@@ -134,11 +136,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.load", description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 8, 16])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=2)
-    parser.add_argument("--per-site", type=int, default=8, help="synthetic image/mask pairs per hospital")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
+    parser.add_argument("--nodes", type=positive_int, nargs="+", default=[2, 8, 16],
+                        help="numbers of SuperNodes to measure (default: 2 8 16)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="federated rounds per run (default: 2)")
+    parser.add_argument("--local-steps", type=positive_int, default=2,
+                        help="local training steps per hospital per round (default: 2)")
+    parser.add_argument("--per-site", type=positive_int, default=8, help="synthetic image/mask pairs per hospital")
+    parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds allowed per run")
     parser.add_argument("--workdir", help="keep logs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shared_model.argtypes import add_command, non_negative_int
+
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """The run's Flower run config from its run folder; ``{}`` when none is stored."""
@@ -157,13 +159,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``report`` subcommand to the ``promptsam`` parser."""
-    p = subparsers.add_parser("report", help="regenerate report.md and report.html of a federated run folder")
+    p = add_command(subparsers, "report", "regenerate report.md and report.html of a federated run folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl")
     p.add_argument("--checkpoint", help="model checkpoint of the example predictions "
                    "(default: the run's best_model.pt, else final_model.pt)")
     p.add_argument("--data", help="evaluation data of the example predictions: a dataset root or one centre's "
                    "folder (default: the run config's global-eval data)")
-    p.add_argument("--overlays", type=int, default=None, metavar="N",
+    p.add_argument("--overlays", type=non_negative_int, default=None, metavar="N",
                    help="number of example images (default 6; 0 = none)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_report)

@@ -336,8 +336,7 @@ def evaluation_sets(settings: RunSettings, image_size: int | None = None):
     path = Path(choice)
     if not path.is_dir():
         raise ConfigError(f"global-eval: {choice!r} is neither 'val', 'test', 'none' nor a folder")
-    root, centres = (path.parent, [path.name]) if (path / "images").is_dir() else (path, None)
-    samples, _ = list_samples(root, centres, data.on_error)
+    samples, _ = list_samples(path, None, data.on_error)  # a root of centres or one centre's folder
     return _dataset(settings, samples, image_size), None
 
 

@@ -13,6 +13,7 @@ dotted fields), and that the stored state fits the model its config builds (keys
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -87,6 +88,27 @@ def _not_a_checkpoint(path: Path, payload: Any) -> str:
     return f"{path}: not a promptsam checkpoint (expected format {FORMAT!r}, found {found!r}); {hint}"
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle (protocol >= 2)
+
+
+def _file_kind(path: Path) -> str | None:
+    """What a file that cannot be a torch checkpoint is (``"a text file ..."``); None if it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    if not head:
+        return "an empty file"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # tolerates a cut last character
+    except UnicodeDecodeError:
+        return f"a binary file starting with {head[:8]!r}"
+    if "\x00" in text:
+        return f"a binary file starting with {head[:8]!r}"
+    first = (text.splitlines() or [""])[0][:40]
+    return f"a text file (it starts with {first!r})"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint payload (CPU, ``weights_only``), with errors naming the file.
 
@@ -100,6 +122,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    kind = _file_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {kind}, not a PyTorch file; expected a "
+                              "promptsam checkpoint written by `promptsam train` or a federated run")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file

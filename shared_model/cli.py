@@ -14,16 +14,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .argtypes import add_command, image_size, non_negative_int, positive_float, positive_int, probability
 from .config import (
     ConfigError,
     DataConfig,
     PRESETS,
     SiteExperiment,
+    check_data,
+    check_train,
     get_preset,
     load_yaml,
     site_experiment_from_dict,
     to_dict,
 )
+from .evaluate_cli import SPLIT_CHOICES
 
 PLUGINS = ("simulation.cli", "deploy.cli", "server.cli")
 # Kept in sync with shared_model.evaluate.PROMPT_STYLES (not imported here: it pulls in torch).
@@ -44,13 +48,16 @@ def _experiment(args: argparse.Namespace) -> SiteExperiment:
     for key in ("steps", "batch_size", "lr", "seed"):
         if getattr(args, key, None) is not None:
             setattr(exp.train, key, getattr(args, key))
+    check_data(exp.data)
+    check_train(exp.train)
     return exp
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import save_model_checkpoint
     from .data import build_datasets
-    from .evaluate import constant_mask_baseline, evaluate_model
+    from .evaluate import evaluate_model, fit_constant_mask, score_constant_mask
+    from .evaluate_cli import training_record
     from .model import build_model
     from .train import train_model
 
@@ -63,17 +70,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_model(model, splits["train"], exp.train, device=args.device)
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.loss:.4f}", flush=True)
     report = {"train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss}}
-    ckpt = save_model_checkpoint(out / "model.pt", model, extra={"train": report["train"]})
+    extra = {"train": report["train"], "data": training_record(exp.data)}
+    ckpt = save_model_checkpoint(out / "model.pt", model, extra=extra)
     for split in ("val", "test"):
         if split in splits and len(splits[split]):
             ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size)
             report[split] = ev.aggregate
             print(f"{split}: " + json.dumps({k: round(v, 4) for k, v in ev.aggregate.items()}), flush=True)
+    train_plain = build_datasets(replace(exp.data, augment=False), exp.model.sam.image_size)["train"]
+    extra["baseline"] = fit_constant_mask(train_plain)  # evaluate's constant-mask baseline
     if "test" in splits and len(splits["test"]):
-        train_plain = build_datasets(replace(exp.data, augment=False), exp.model.sam.image_size)["train"]
-        report["constant_baseline_test"] = constant_mask_baseline(train_plain, splits["test"])
+        report["constant_baseline_test"] = {
+            "threshold": extra["baseline"]["threshold"], "train_dice": extra["baseline"]["train_dice"],
+            **score_constant_mask(extra["baseline"]["mask"], splits["test"]).aggregate}
         print(f"constant-mask baseline test dice: {report['constant_baseline_test']['dice']:.4f}", flush=True)
-    save_model_checkpoint(ckpt, model, extra={"metrics": report})
+    save_model_checkpoint(ckpt, model, extra={**extra, "metrics": report})
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "experiment.json").write_text(
         json.dumps({"model": to_dict(exp.model), "data": to_dict(exp.data), "train": to_dict(exp.train)}, indent=2)
@@ -91,47 +102,56 @@ def _load_checked(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import from_dict
-    from .data import build_datasets
-    from .evaluate import evaluate_model, evaluate_prompt_styles, format_prompt_table
+    from .evaluate import evaluate_model, evaluate_prompt_styles, format_prompt_table, score_constant_mask
+    from .evaluate_cli import baseline_mask, evaluation_images, format_centre_table
     from .inference import check_device
 
     styles_mode = args.prompt_styles or args.styles is not None
     if styles_mode and args.prompt is not None:
         raise ValueError("--prompt and --prompt-styles/--styles exclude each other")
     check_device(args.device)
-    model, _ = _load_checked(args)
-    data = from_dict(DataConfig, load_yaml(args.data_config)) if args.data_config else DataConfig()
-    if args.data:
-        data.root = args.data
-    if args.centres:
-        data.centres = args.centres
-    data.augment = False
-    splits = build_datasets(data, model.image_size)
-    if args.split not in splits:
-        raise ValueError(f"split {args.split!r} is empty for this data (have {sorted(splits)})")
+    model, payload = _load_checked(args)
+    dataset, split, lines = evaluation_images(payload, model.image_size, args.data, args.centres,
+                                              args.data_config, args.split)
+    for line in lines:
+        print(line, flush=True)
     if styles_mode:
-        results = evaluate_prompt_styles(model, splits[args.split], styles=args.styles or None, device=args.device,
+        results = evaluate_prompt_styles(model, dataset, styles=args.styles or None, device=args.device,
                                          batch_size=args.batch_size, progress=True)
         print(format_prompt_table(results))
         if args.out:
             Path(args.out).write_text(json.dumps(
-                {"checkpoint": str(args.checkpoint), "split": args.split, "styles": results}, indent=2))
+                {"checkpoint": str(args.checkpoint), "split": split, "styles": results}, indent=2))
         return 0
     ev = evaluate_model(
-        model, splits[args.split], device=args.device, batch_size=args.batch_size, prompt=args.prompt, progress=True
+        model, dataset, device=args.device, batch_size=args.batch_size, prompt=args.prompt, progress=True
     )
-    print(json.dumps(ev.aggregate, indent=2))
+    mask, baseline_line = baseline_mask(payload)
+    base = score_constant_mask(mask, dataset) if mask is not None else None
+    print(baseline_line)
+    print(format_centre_table(ev.by_centre(), ev.aggregate, base.by_centre() if base else None,
+                              base.aggregate if base else None))
     if args.out:
-        Path(args.out).write_text(json.dumps({"aggregate": ev.aggregate, "per_image": ev.per_image}, indent=2))
+        Path(args.out).write_text(json.dumps({
+            "checkpoint": str(args.checkpoint), "split": split, "images": lines[1],
+            "aggregate": ev.aggregate, "by_centre": ev.by_centre(),
+            "constant_mask_baseline": {"description": baseline_line,
+                                       "aggregate": base.aggregate if base else None,
+                                       "by_centre": base.by_centre() if base else None},
+            "per_image": ev.per_image}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import check_device
-    from .predict_cli import load_user_boxes, predict_folder
+    from .predict_cli import NoImagesError, list_images, load_user_boxes, predict_folder
 
     check_device(args.device)  # fail before the (slow) model build
+    try:
+        list_images(args.inputs)
+    except NoImagesError as err:  # nothing to predict: status 1, as for every image skipped
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     model, _ = _load_checked(args)
     boxes = load_user_boxes(args.boxes) if args.boxes else None
     index = predict_folder(model, args.inputs, args.out, prompt=args.prompt, threshold=args.threshold,
@@ -249,24 +269,49 @@ def cmd_bench_dp(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = ("promptsam: a text-prompted SAM + BiomedCLIP polyp segmenter. Train on one site, evaluate, "
+               "predict new images, inspect model sizes, run benchmarks, and run federated experiments "
+               "(simulate, experiment, deploy, report).")
+EVALUATE_DESCRIPTION = (
+    "Score a checkpoint against ground-truth masks: Dice, IoU, HD95 per centre and overall, next to the "
+    "constant-mask baseline stored by `train` (the training split's mean mask). Which images: --split all "
+    "scores every image of --data, --split train|val|test that split. Without --split, a --data folder the "
+    "checkpoint was not trained on is scored whole; the training data (same root, a common centre), no "
+    "--data, or a checkpoint that does not record its training data gets its test split scored. With "
+    "--prompt-styles the same images are segmented once per text-prompt style and a Markdown table shows "
+    "the Dice of each (attribute captions are derived from the ground-truth masks, as in training).")
+PREDICT_DESCRIPTION = (
+    "Segment image files or folders with a trained checkpoint and a text prompt. Writes OUT/masks/<name>.png "
+    "(0/255, the image's own size), OUT/masks/<name>.json (boxes, area, components, score, confidence, "
+    "Dice when a ground-truth mask is known), OUT/overlays/<name>.png (with a legend), the index OUT/predictions.json (checkpoint, preset, config fingerprint, "
+    "prompt, threshold, skipped files with reasons) and OUT/predictions.csv. Unreadable files are skipped "
+    "and listed. Exit status: 0 when at least one image was predicted; 1 when none could be (an empty "
+    "folder, or every file skipped); 2 on a bad argument, a missing input or an unusable checkpoint.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="promptsam", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="promptsam", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
 
-    p = sub.add_parser("train", help="train on one site's data, evaluate, save a checkpoint")
-    p.add_argument("--config", help="YAML with model/data/train sections")
-    p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--data", help="dataset root (<root>/<centre>/{images,masks})")
-    p.add_argument("--centres", nargs="+")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", default="runs/train")
+    p = add_command(sub, "train", "train on one site's data, evaluate, save a checkpoint",
+                    "Train the model on one site's data (the train split), evaluate it on the val and test "
+                    "splits, and write OUT/model.pt (with the training data and the constant-mask baseline "
+                    "recorded in it), OUT/metrics.json and OUT/experiment.json.")
+    p.add_argument("--config", help="YAML with model/data/train sections (flags below override it)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (replaces the config's model)")
+    p.add_argument("--data", help="dataset root (<root>/<centre>/images + masks) or one centre's folder "
+                                  "(<folder>/images + masks)")
+    p.add_argument("--centres", nargs="+", metavar="CENTRE", help="centre folders to use (default: all)")
+    p.add_argument("--steps", type=positive_int, help="optimiser steps (>= 1)")
+    p.add_argument("--batch-size", type=positive_int, help="images per step (>= 1)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (> 0)")
+    p.add_argument("--seed", type=int, help="seed of the batch order and augmentation (the frozen random "
+                                            "initialisation has its own, model.init_seed)")
+    p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -276,83 +321,76 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="require the checkpoint's model config to equal this one: a YAML "
                                         "file (with a model section, or a model section itself) or a preset")
 
-    p = sub.add_parser(
-        "evaluate", help="evaluate a checkpoint on a split (optionally per prompt style)",
-        description="Evaluate a checkpoint on a data split: Dice, IoU, precision, recall, HD95. With "
-                    "--prompt-styles the same images are segmented once per text-prompt style and a "
-                    "Markdown table shows the Dice of each and its change against the attribute captions "
-                    "(which are derived from the ground-truth masks, as in training).")
+    p = add_command(sub, "evaluate", "score a checkpoint on a folder or a split, per centre, with a baseline",
+                    EVALUATE_DESCRIPTION)
     checked(p)
-    p.add_argument("--data")
-    p.add_argument("--data-config", help="YAML with DataConfig fields")
-    p.add_argument("--centres", nargs="+")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", help="dataset root or one centre's folder (default: the checkpoint's training "
+                                  "data, else ../shared/data/polyp)")
+    p.add_argument("--data-config", help="YAML with DataConfig fields (split fractions and seed, ...)")
+    p.add_argument("--centres", nargs="+", metavar="CENTRE", help="centre folders to use (default: all)")
+    p.add_argument("--split", choices=list(SPLIT_CHOICES),
+                   help="all = every image; train/val/test = that split (default: see above)")
     p.add_argument("--prompt", help="override every image's text prompt")
     p.add_argument("--prompt-styles", action="store_true",
                    help="evaluate once per prompt style (class name, attribute captions, generic, wrong "
                         "organ, empty) and print a Markdown table of the Dice of each")
     p.add_argument("--styles", nargs="+", choices=list(PROMPT_STYLE_NAMES), metavar="STYLE",
                    help=f"prompt styles to compare (implies --prompt-styles): {', '.join(PROMPT_STYLE_NAMES)}")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="write the metrics as JSON here (per image, or per prompt style)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--out", help="write the metrics as JSON here (per centre and image, or per prompt style)")
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser(
-        "predict", help="segment new images: masks, overlays, per-image JSON, predictions.json/.csv",
-        description="Segment image files or folders with a trained checkpoint and a text prompt. Writes "
-                    "OUT/masks/<name>.png (0/255, the image's own size), OUT/masks/<name>.json (boxes, area, "
-                    "components, score, confidence, Dice when a ground-truth mask is known), OUT/overlays/<name>.png "
-                    "(with a legend), the index OUT/predictions.json "
-                    "(checkpoint, preset, config fingerprint, prompt, threshold, skipped files with reasons) "
-                    "and OUT/predictions.csv. Unreadable files are skipped and listed. Exit status 1 when "
-                    "no image could be predicted.")
+    p = add_command(sub, "predict", "segment new images: masks, overlays, per-image JSON, predictions.json/.csv",
+                    PREDICT_DESCRIPTION)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     checked(p)
-    p.add_argument("--prompt", default="polyp")
+    p.add_argument("--prompt", default="polyp", help="text prompt of every image (default: polyp)")
     p.add_argument("--boxes", help="JSON {image file name: [x0, y0, x1, y1] or a list of boxes} of user boxes")
     p.add_argument("--masks", help="folder of ground-truth masks named like the images: draws their contour on "
                                    "the overlays and writes per-image Dice (default: a masks/ folder next to a "
                                    "folder input, as in <centre>/{images,masks})")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=4, help="images segmented together")
-    p.add_argument("--out", default="runs/predict")
+    p.add_argument("--threshold", type=probability, default=0.5,
+                   help="probability threshold of the mask, in [0, 1] (default: 0.5)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images segmented together (default: 4)")
+    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     common(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("inspect", help="parameter counts and exchanged-state size of a preset")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--json", action="store_true")
+    p = add_command(sub, "inspect", "parameter counts and exchanged-state size of a preset")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="benchmarks that print JSON")
-    bench = p.add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("step", help="local training step: ours vs the plain SAMed recipe, same batch")
-    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    b.add_argument("--image-size", type=int, nargs="*", help="e.g. 512 1024 (default: the preset's)")
-    b.add_argument("--batch", type=int, default=4)
-    b.add_argument("--steps", type=int, default=5, help="timed repeats (median, min and max are reported)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps before the repeats")
+    p = add_command(sub, "bench", "benchmarks that print JSON")
+    bench = p.add_subparsers(dest="bench", required=True, title="benchmarks", metavar="BENCHMARK")
+    b = add_command(bench, "step", "local training step: ours vs the plain SAMed recipe, same batch")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--image-size", type=image_size, nargs="*", help="e.g. 512 1024 (default: the preset's)")
+    b.add_argument("--batch", type=positive_int, default=4, help="images per step (default: 4)")
+    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
     b.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the SAM encoder blocks (this project's paths)")
     common(b)
     b.set_defaults(func=cmd_bench_step)
-    b = bench.add_parser("memory", help="activation bytes kept for backward, with and without checkpointing "
-                         "(device independent; runs on CPU)")
-    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    b.add_argument("--image-size", type=int, nargs="*", help="e.g. 512 1024 (default: the preset's)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--device", default="cpu")
+    b = add_command(bench, "memory", "activation bytes kept for backward, with and without checkpointing "
+                    "(device independent; runs on CPU)")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--image-size", type=image_size, nargs="*", help="e.g. 512 1024 (default: the preset's)")
+    b.add_argument("--batch", type=positive_int, default=1, help="images per step (default: 1)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="activation dtype (default: float32)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     b.set_defaults(func=cmd_bench_memory)
-    b = bench.add_parser("dp", help="DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
+    b = add_command(bench, "dp", "DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
     common(b)
-    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--steps", type=int, default=5, help="timed repeats (median, min and max are reported)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed steps before the repeats")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--batch", type=positive_int, default=8, help="images per step (default: 8)")
+    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.set_defaults(func=cmd_bench_dp)
     BENCH_SUBPARSERS.append(bench)

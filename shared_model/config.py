@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
@@ -213,7 +213,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """A folder dataset ``<root>/<centre>/{images,masks}`` and its split."""
+    """A folder dataset ``<root>/<centre>/{images,masks}`` and its split.
+
+    ``root`` may also be one centre's own folder ``<folder>/{images,masks}`` (the centre is then the
+    folder's name; see :func:`shared_model.data.folder.resolve_centres`).
+    """
 
     root: str = "../shared/data/polyp"
     centres: list[str] = field(default_factory=list)  # empty = every centre folder under root
@@ -367,6 +371,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def blame_overrides(err: ConfigError, source: str, overrides: Mapping[str, Any],
+                    reparse: Callable[[], Any], flag: str = "--set") -> ConfigError:
+    """The error of a config parsed with ``overrides``, naming who gave the bad value.
+
+    If the file alone (``reparse``) fails the same way, the file is to blame and ``err`` is kept.
+    Otherwise an override is: the error names ``flag`` and the override key as the user wrote it
+    (``--set federation.num_server_rounds=-1: federation.num_server_rounds: must be >= 1``).
+    """
+    try:
+        reparse()
+    except ConfigError as file_err:
+        if str(file_err) == str(err):
+            return err
+    message = str(err).removeprefix(f"{source}: ")
+    named = [k for k in overrides if message.startswith((f"{k}:", f"{k}[", f"{k}."))]
+    items = " ".join(f"{flag} {k}={overrides[k]}" for k in (named or list(overrides)))
+    return ConfigError(f"{items}: {message}")
+
+
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write a dataclass config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -478,11 +501,14 @@ def site_experiment_from_dict(data: dict[str, Any], source: str = "config") -> S
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: ['data', 'model', 'train']")
     try:
-        return SiteExperiment(
+        exp = SiteExperiment(
             model=model_config_from_dict(data.get("model")),
             data=from_dict(DataConfig, data.get("data") or {}, "data"),
             train=from_dict(TrainConfig, data.get("train") or {}, "train"),
         )
+        check_data(exp.data)
+        check_train(exp.train)
+        return exp
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -636,37 +662,103 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
         privacy=_scalar_section(PrivacyConfig, run_config, "privacy-"),
     )
     check_federation(settings.federation, settings.partition)
+    check_train(settings.train, "train-config.")
+    check_data(settings.data, "data-config.")
     check_privacy(settings.privacy, "privacy-")
     return settings
 
 
-def check_federation(fed: FederationConfig, part: PartitionConfig) -> None:
-    """Check choices and ranges, raising ConfigError naming the field."""
+def _raise_first(checks: list[tuple[str, bool, str]], prefix: str) -> None:
+    """Raise ConfigError ``"<prefix><field>: <why>"`` for the first failed ``(field, ok, why)``."""
+    for name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{prefix}{_field(name, prefix)}: {why}")
+
+
+def check_federation(fed: FederationConfig, part: PartitionConfig, run_config: bool = True) -> None:
+    """Check choices and ranges, raising ConfigError naming the field as its source spells it.
+
+    Args:
+        fed: Federation settings.
+        part: Partition settings.
+        run_config: Name fields as Flower's run-config keys (``num-server-rounds``,
+            ``partition-min-size``); False: as an experiment YAML's dotted snake_case fields
+            (``federation.num_server_rounds``, ``partition.min_size``).
+    """
     from .exchange import WIRE_DTYPES
 
+    fed_prefix, part_prefix = ("", "partition-") if run_config else ("federation.", "partition.")
+
+    def name(field_name: str, prefix: str) -> str:
+        return prefix + (_kebab(field_name) if run_config else field_name)
+
     if fed.strategy not in STRATEGIES:
-        raise ConfigError(f"strategy: {fed.strategy!r} not in {list(STRATEGIES)}")
+        raise ConfigError(f"{name('strategy', fed_prefix)}: {fed.strategy!r} not in {list(STRATEGIES)}")
     if fed.wire_dtype not in WIRE_DTYPES:
-        raise ConfigError(f"wire-dtype: {fed.wire_dtype!r} not in {sorted(WIRE_DTYPES)}")
+        raise ConfigError(f"{name('wire_dtype', fed_prefix)}: {fed.wire_dtype!r} not in {sorted(WIRE_DTYPES)}")
     if part.mode not in PARTITION_MODES:
-        raise ConfigError(f"partition-mode: {part.mode!r} not in {list(PARTITION_MODES)}")
+        raise ConfigError(f"{name('mode', part_prefix)}: {part.mode!r} not in {list(PARTITION_MODES)}")
     checks = [
-        ("num-server-rounds", fed.num_server_rounds >= 1, "must be >= 1"),
-        ("local-steps", fed.local_steps >= 1, "must be >= 1"),
-        ("min-nodes", fed.min_nodes >= 1, "must be >= 1"),
-        ("fraction-train", 0.0 < fed.fraction_train <= 1.0, "must be in (0, 1]"),
-        ("fraction-evaluate", 0.0 <= fed.fraction_evaluate <= 1.0, "must be in [0, 1]"),
-        ("trimmed-beta", 0.0 <= fed.trimmed_beta < 0.5, "must be in [0, 0.5)"),
-        ("max-update-norm", fed.max_update_norm >= 0.0, "must be >= 0 (0 = no bound)"),
-        ("server-lr", fed.server_lr > 0.0, "must be > 0"),
-        ("proximal-mu", fed.proximal_mu >= 0.0, "must be >= 0"),
-        ("partition-dirichlet-alpha", part.dirichlet_alpha > 0.0, "must be > 0"),
-        ("partition-min-size", part.min_size >= 1, "must be >= 1"),
-        ("partition-hospitals", part.hospitals >= 0, "must be >= 0"),
+        ("num_server_rounds", fed.num_server_rounds >= 1, "must be >= 1"),
+        ("local_steps", fed.local_steps >= 1, "must be >= 1"),
+        ("min_nodes", fed.min_nodes >= 1, "must be >= 1"),
+        ("fraction_train", 0.0 < fed.fraction_train <= 1.0, "must be in (0, 1]"),
+        ("fraction_evaluate", 0.0 <= fed.fraction_evaluate <= 1.0, "must be in [0, 1]"),
+        ("trimmed_beta", 0.0 <= fed.trimmed_beta < 0.5, "must be in [0, 0.5)"),
+        ("max_update_norm", fed.max_update_norm >= 0.0, "must be >= 0 (0 = no bound)"),
+        ("server_lr", fed.server_lr > 0.0, "must be > 0"),
+        ("proximal_mu", fed.proximal_mu >= 0.0, "must be >= 0"),
+        ("eval_batch_size", fed.eval_batch_size >= 1, "must be >= 1"),
+        ("reply_timeout", fed.reply_timeout > 0.0, "must be > 0 (seconds)"),
     ]
-    for key, ok, why in checks:
+    for field_name, ok, why in checks:
         if not ok:
-            raise ConfigError(f"{key}: {why}")
+            raise ConfigError(f"{name(field_name, fed_prefix)}: {why}")
+    checks = [
+        ("dirichlet_alpha", part.dirichlet_alpha > 0.0, "must be > 0"),
+        ("min_size", part.min_size >= 1, "must be >= 1"),
+        ("hospitals", part.hospitals >= 0, "must be >= 0"),
+    ]
+    for field_name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{name(field_name, part_prefix)}: {why}")
+
+
+def check_train(cfg: TrainConfig, prefix: str = "train.") -> None:
+    """Check the ranges of a :class:`TrainConfig`, raising ConfigError naming the field.
+
+    Args:
+        cfg: Training settings.
+        prefix: Prepended to the field name in errors (``train.`` in YAML, ``train-config.``
+            for the run config's JSON).
+    """
+    _raise_first([
+        ("steps", cfg.steps >= 1, "must be >= 1 (optimiser steps)"),
+        ("batch_size", cfg.batch_size >= 1, "must be >= 1"),
+        ("eval_batch_size", cfg.eval_batch_size >= 1, "must be >= 1"),
+        ("lr", cfg.lr > 0.0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay >= 0.0, "must be >= 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
+        ("grad_clip", cfg.grad_clip >= 0.0, "must be >= 0 (0 = no clipping)"),
+        ("num_workers", cfg.num_workers >= 0, "must be >= 0 (0 = load in the main process)"),
+        ("proximal_mu", cfg.proximal_mu >= 0.0, "must be >= 0"),
+        ("time_limit_s", cfg.time_limit_s >= 0.0, "must be >= 0 (0 = no limit)"),
+    ], prefix)
+
+
+def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
+    """Check the choices and split fractions of a :class:`DataConfig`, naming the field."""
+    choices = [("on_error", ("raise", "skip")), ("prompt_mode", ("attributes", "class"))]
+    for name, valid in choices:
+        if getattr(cfg, name) not in valid:
+            raise ConfigError(f"{prefix}{name}: {getattr(cfg, name)!r} not in {list(valid)}")
+    _raise_first([
+        ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "must be in [0, 1)"),
+        ("test_fraction", 0.0 <= cfg.test_fraction < 1.0, "must be in [0, 1)"),
+        ("test_fraction", cfg.val_fraction + cfg.test_fraction < 1.0,
+         f"val_fraction + test_fraction must be < 1, got {cfg.val_fraction} + {cfg.test_fraction}"),
+        ("root", bool(cfg.root), "must name a folder"),
+    ], prefix)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -85,8 +86,48 @@ def evaluate_model(
     return EvalResult(aggregate=aggregate(scores), per_image=per_image)
 
 
-def constant_mask_baseline(train: Dataset, test: Dataset, thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)) -> dict[str, float]:
-    """The best constant predictor: the mean training mask, thresholded.
+BASELINE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def fit_constant_mask(train: Dataset, thresholds: Sequence[float] = BASELINE_THRESHOLDS) -> dict:
+    """The best constant predictor of a training set: its mean mask, thresholded.
+
+    The threshold is the one of ``thresholds`` with the best mean Dice on ``train`` itself.
+
+    Returns:
+        ``{"mask": 1 x S x S bool tensor, "threshold": t, "train_dice": ..., "train_images": n}``
+        (storable in a checkpoint's ``extra``).
+    """
+    masks = torch.stack([train[i]["mask"] for i in range(len(train))]) > 0.5  # N x 1 x S x S
+    mean = masks.float().mean(0)
+    best_t, best_dice = thresholds[0], -1.0
+    for t in thresholds:
+        pred = (mean > t).expand_as(masks)
+        dice = aggregate(segmentation_metrics(pred, masks))["dice"]
+        if dice > best_dice:
+            best_t, best_dice = t, dice
+    return {"mask": mean > best_t, "threshold": best_t, "train_dice": best_dice, "train_images": len(train)}
+
+
+def score_constant_mask(mask: torch.Tensor, dataset: Dataset, chunk: int = 32) -> EvalResult:
+    """Score the same mask (1 x S x S bool, resized to the items' size if needed) on every item."""
+    per_image: list[dict] = []
+    for start in range(0, len(dataset), chunk):
+        items = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
+        target = torch.stack([item["mask"] for item in items]) > 0.5  # B x 1 x S x S
+        const = mask.to(torch.bool)
+        if const.shape[-2:] != target.shape[-2:]:
+            const = F.interpolate(const[None].float(), size=target.shape[-2:], mode="nearest")[0] > 0.5
+        rows = segmentation_metrics(const.expand_as(target), target)
+        per_image += [{"stem": item.get("stem", ""), "centre": item.get("centre", ""), **row}
+                      for item, row in zip(items, rows)]
+    scores = [{k: v for k, v in row.items() if k not in ("stem", "centre")} for row in per_image]
+    return EvalResult(aggregate=aggregate(scores), per_image=per_image)
+
+
+def constant_mask_baseline(train: Dataset, test: Dataset,
+                           thresholds: Sequence[float] = BASELINE_THRESHOLDS) -> dict[str, float]:
+    """The best constant predictor: the mean training mask, thresholded (see :func:`fit_constant_mask`).
 
     The threshold is chosen on the training set (by mean Dice), then the same mask is scored on
     ``test``. This is the bar a model must clear to have learned anything image-dependent.
@@ -94,17 +135,9 @@ def constant_mask_baseline(train: Dataset, test: Dataset, thresholds: Sequence[f
     Returns:
         ``{"threshold": t, "train_dice": ..., **aggregate test metrics}``.
     """
-    masks = torch.stack([train[i]["mask"] for i in range(len(train))]) > 0.5
-    mean = masks.float().mean(0, keepdim=True)
-    best_t, best_dice = thresholds[0], -1.0
-    for t in thresholds:
-        pred = (mean > t).expand_as(masks)
-        dice = aggregate(segmentation_metrics(pred, masks))["dice"]
-        if dice > best_dice:
-            best_t, best_dice = t, dice
-    test_masks = torch.stack([test[i]["mask"] for i in range(len(test))]) > 0.5
-    pred = (mean > best_t).expand_as(test_masks)
-    return {"threshold": best_t, "train_dice": best_dice, **aggregate(segmentation_metrics(pred, test_masks))}
+    fit = fit_constant_mask(train, thresholds)
+    return {"threshold": fit["threshold"], "train_dice": fit["train_dice"],
+            **score_constant_mask(fit["mask"], test).aggregate}
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ from .inference import check_device, overlay, predict_images
 from .metrics import segmentation_metrics
 from .model import PromptSAM
 
+class NoImagesError(FileNotFoundError):
+    """The inputs exist but hold no image file (``promptsam predict`` exits with status 1)."""
+
+
 CSV_COLUMNS = ("image", "width", "height", "area_pixels", "area_fraction", "components", "score",
                "confidence", "dice", "iou", "boxes", "mask", "overlay", "truth")
 
@@ -54,7 +58,8 @@ def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str
         ``(files, skipped)`` with skipped entries ``{"image": path, "reason": ...}``.
 
     Raises:
-        FileNotFoundError: An input does not exist, or no candidate image was found at all.
+        FileNotFoundError: An input does not exist.
+        NoImagesError: The inputs hold no candidate image at all (e.g. an empty folder).
     """
     files: list[Path] = []
     skipped: list[dict[str, str]] = []
@@ -74,7 +79,7 @@ def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str
         else:
             raise FileNotFoundError(f"{p}: no such image file or folder")
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {list(map(str, inputs))}")
+        raise NoImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, inputs))}")
     return files, skipped
 
 

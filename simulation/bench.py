@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.wire import record_nbytes, state_to_record
 from server.strategy import GuardedStrategy
+from shared_model.argtypes import add_command, positive_int
 from shared_model.config import PRESETS, get_preset
 from shared_model.exchange import WIRE_DTYPES, get_exchanged_state, state_shapes
 from simulation.inprocess import InProcessGrid
@@ -283,15 +284,16 @@ def cmd_bench_round(args: argparse.Namespace) -> int:
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``round`` to the ``promptsam bench`` subcommands."""
-    p = bench_subparsers.add_parser("round", help="one federated round's costs: bytes, aggregation time, "
-                                                  "Flower overhead (tiny preset, CPU)")
-    p.add_argument("--hospitals", type=int, default=3, help="simulated hospitals in the in-process round")
-    p.add_argument("--updates", type=int, nargs="+", default=[10, 100], help="numbers of updates to aggregate")
-    p.add_argument("--rounds", type=int, default=2, help="in-process rounds (the first one includes warm-up)")
+    p = add_command(bench_subparsers, "round", "one federated round's costs: bytes, aggregation time, "
+                                               "Flower overhead (tiny preset, CPU)")
+    p.add_argument("--hospitals", type=positive_int, default=3, help="simulated hospitals in the in-process round")
+    p.add_argument("--updates", type=positive_int, nargs="+", default=[10, 100],
+                   help="numbers of updates to aggregate")
+    p.add_argument("--rounds", type=positive_int, default=2, help="in-process rounds (the first one includes warm-up)")
     p.add_argument("--agg-preset", default="base", choices=sorted(PRESETS),
                    help="preset whose exchanged state is aggregated (tiny for a fast check)")
-    p.add_argument("--local-steps", type=int, default=2, help="local training steps per client per round")
-    p.add_argument("--repeats", type=int, default=3, help="aggregation timing: best of this many")
+    p.add_argument("--local-steps", type=positive_int, default=2, help="local training steps per client per round")
+    p.add_argument("--repeats", type=positive_int, default=3, help="aggregation timing: best of this many")
     p.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
     p.set_defaults(func=cmd_bench_round)

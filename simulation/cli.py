@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from shared_model.argtypes import add_command
 from shared_model.config import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -125,15 +126,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``simulate`` and ``experiment`` subcommands (and ``bench round``) to ``promptsam``."""
-    p = subparsers.add_parser("simulate", help="run a federated experiment on Flower's simulation engine")
+    p = add_command(subparsers, "simulate", "run a federated experiment on Flower's simulation engine",
+                    "Run a federated experiment YAML on Flower's simulation engine: make the run folder, "
+                    "generate synthetic data if asked, check the data split, run `flwr run`, then print "
+                    "the report's path and the global Dice per round.")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a YAML field, e.g. --set federation.num_server_rounds=5 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.set_defaults(func=cmd_simulate)
-    e = subparsers.add_parser(
-        "experiment", help="centralized vs local-only vs FedAvg vs FedProx (+ leave-one-centre-out), same compute")
+    e = add_command(subparsers, "experiment",
+                    "centralized vs local-only vs FedAvg vs FedProx (+ leave-one-centre-out), same compute")
     e.add_argument("--config", required=True, help="experiment YAML with a compare: section "
                    "(e.g. simulation/configs/compare_polyp_tiny.yaml)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

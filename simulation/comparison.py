@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from shared_model.config import ConfigError, from_dict, load_yaml, model_config_from_dict, to_dict
-from simulation.experiment import PROJECT_ROOT, Experiment, apply_overrides, parse_experiment
+from simulation.experiment import PROJECT_ROOT, Experiment, apply_overrides, blame_overrides, parse_experiment
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,26 @@ def load_comparison(path: str | Path, overrides: Mapping[str, Any] | None = None
     Raises:
         ConfigError: Naming the file and the field.
     """
-    data = apply_overrides(load_yaml(path), overrides)
-    compare = from_dict(CompareConfig, data.pop("compare", None) or {}, "compare")
-    exp = parse_experiment(data, str(path))
+    raw = load_yaml(path)
+
+    def parse(data: dict[str, Any]) -> tuple[Experiment, CompareConfig, dict[str, Any]]:
+        try:
+            compare = from_dict(CompareConfig, data.pop("compare", None) or {}, "compare")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        exp = parse_experiment(data, str(path))
+        try:
+            check_compare(compare, exp)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        return exp, compare, data
+
     try:
-        check_compare(compare, exp)
+        exp, compare, data = parse(apply_overrides(raw, overrides))
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        if not overrides:
+            raise
+        raise blame_overrides(err, str(path), overrides, lambda: parse(apply_overrides(raw, None))) from None
     data.setdefault("data", {})["root"] = exp.data.root
     return exp, compare, data
 

@@ -35,8 +35,11 @@ from shared_model.config import (
     PartitionConfig,
     PrivacyConfig,
     TrainConfig,
+    blame_overrides,
+    check_data,
     check_federation,
     check_privacy,
+    check_train,
     from_dict,
     load_yaml,
     model_config_from_dict,
@@ -109,6 +112,26 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -
     return out
 
 
+def check_counts(exp: Experiment) -> None:
+    """Ranges of the ``simulation`` and ``synthetic`` sections, raising ConfigError naming the field."""
+    sim, syn = exp.simulation, exp.synthetic
+    checks = [
+        ("simulation.num_supernodes", sim.num_supernodes >= 1, "must be >= 1"),
+        ("simulation.client_cpus", sim.client_cpus >= 1, "must be >= 1 (Flower gives whole CPUs)"),
+        ("simulation.client_gpus", sim.client_gpus >= 0.0, "must be >= 0"),
+        ("simulation.timeout", sim.timeout >= 0.0, "must be >= 0 (0 = no limit)"),
+    ]
+    if syn is not None:
+        checks += [
+            ("synthetic.centres", syn.centres >= 1, "must be >= 1"),
+            ("synthetic.per_centre", syn.per_centre >= 1, "must be >= 1"),
+            ("synthetic.image_size", syn.image_size >= 8, "must be >= 8 (pixels)"),
+        ]
+    for name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{name}: {why}")
+
+
 def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experiment:
     """Parse an experiment mapping strictly.
 
@@ -142,12 +165,13 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
             source=source,
             raw=data,
         )
-        if exp.simulation.num_supernodes < 1:
-            raise ConfigError("simulation.num_supernodes: must be >= 1")
+        check_counts(exp)
         if exp.partition.hospitals not in (0, exp.simulation.num_supernodes):
             raise ConfigError("partition.hospitals: leave it unset; it is simulation.num_supernodes")
         exp.partition.hospitals = exp.simulation.num_supernodes
-        check_federation(exp.federation, exp.partition)
+        check_federation(exp.federation, exp.partition, run_config=False)
+        check_train(exp.train, "train.")
+        check_data(exp.data, "data.")
         check_privacy(exp.privacy, "privacy.")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
@@ -159,5 +183,15 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
 
 
 def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:
-    """Read an experiment YAML, apply dotted ``overrides``, and parse it (errors name the file)."""
-    return parse_experiment(apply_overrides(load_yaml(path), overrides), str(path))
+    """Read an experiment YAML, apply dotted ``overrides``, and parse it.
+
+    Errors name the file, or the ``--set KEY=VALUE`` override when that is where the bad value
+    came from (see :func:`blame_overrides`).
+    """
+    raw = load_yaml(path)
+    try:
+        return parse_experiment(apply_overrides(raw, overrides), str(path))
+    except ConfigError as err:
+        if not overrides:
+            raise
+        raise blame_overrides(err, str(path), overrides, lambda: parse_experiment(raw, str(path))) from None

@@ -1,5 +1,7 @@
 """Folder datasets ``<root>/<centre>/{images,masks}/<stem>.<ext>`` of images and binary masks.
 
+The root may also be one centre's folder ``<folder>/{images,masks}`` (see :func:`is_centre_folder`).
+
 Pairing is by file stem over *sorted* listings, never by the order the file system returns.
 
 Error handling (``on_error``):
@@ -102,9 +104,9 @@ def _list_files(folder: Path, on_error: str, skipped: list[str]) -> dict[str, Pa
 def _list_centre(root: Path, centre: str, on_error: str, skipped: list[str]) -> list[Sample]:
     centre_dir = root / centre
     image_dir, mask_dir = centre_dir / "images", centre_dir / "masks"
-    for folder in (centre_dir, image_dir, mask_dir):
+    for folder in (image_dir, mask_dir):
         if not folder.is_dir():
-            _problem(f"{folder}: folder not found (centre {centre!r})", on_error, skipped)
+            _problem(f"{folder}: folder not found (centre {centre!r} needs images/ and masks/)", on_error, skipped)
             return []
     images = _list_files(image_dir, on_error, skipped)
     masks = _list_files(mask_dir, on_error, skipped)
@@ -122,13 +124,67 @@ def _list_centre(root: Path, centre: str, on_error: str, skipped: list[str]) -> 
     return samples
 
 
+def is_centre_folder(path: str | Path) -> bool:
+    """Whether ``path`` is one centre's folder (it holds ``images/`` itself) rather than a dataset root.
+
+    This is the one rule that lets every ``--data`` / ``data.root`` / ``data-path`` be either a
+    root of centre folders or a single centre (a flat ``images/`` + ``masks/`` pair).
+    """
+    return (Path(path) / "images").is_dir()
+
+
+def resolve_centres(
+    root: str | Path, centres: Sequence[str] | None = None, on_error: str = "raise",
+    skipped: list[str] | None = None,
+) -> tuple[Path, list[str]]:
+    """The dataset root and the centre names that ``root`` and ``centres`` designate.
+
+    Args:
+        root: A dataset root ``<root>/<centre>/{images,masks}``, or one centre's folder
+            ``<folder>/{images,masks}`` (then the centre is the folder's name and the root its parent).
+        centres: Centre folder names; ``None`` or empty = every centre.
+        on_error: ``"skip"`` drops (and records in ``skipped``) named centres that do not exist.
+        skipped: Where skip reasons are appended.
+
+    Returns:
+        ``(root, sorted unique centre names)``.
+
+    Raises:
+        DataError: The folder is missing, holds no centre folder, or (``on_error="raise"``) a named
+            centre is not there (the message lists the valid centres).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root.resolve()}: dataset root folder not found")
+    if is_centre_folder(root):
+        extra = sorted(set(centres or ()) - {root.name})
+        if extra:
+            raise DataError(f"{root}: is the folder of the single centre {root.name!r} (it holds images/), "
+                            f"so centres {extra} are not in it; give the dataset root to choose centres")
+        return root.parent, [root.name]
+    available = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if not available and root.name == "images" and (root.parent / "masks").is_dir():
+        raise DataError(f"{root}: is an images/ folder; give the folder above it ({root.parent}), which holds "
+                        "images/ and masks/")
+    if not available:
+        raise DataError(f"{root}: no centre folders; expected <root>/<centre>/images + masks, or "
+                        "<folder>/images + masks for a single centre")
+    if not centres:
+        return root, available
+    for centre in sorted(set(centres) - set(available)):
+        _problem(f"{root / centre}: no centre {centre!r}; valid centres: {available}", on_error,
+                 [] if skipped is None else skipped)
+    return root, sorted(set(centres) & set(available))
+
+
 def list_samples(
     root: str | Path, centres: Sequence[str] | None = None, on_error: str = "raise"
 ) -> tuple[list[Sample], list[str]]:
     """List the image/mask pairs under ``root``, sorted by (centre, stem).
 
     Args:
-        root: Dataset root holding one folder per centre.
+        root: Dataset root holding one folder per centre, or one centre's folder (see
+            :func:`resolve_centres`).
         centres: Centre folder names to use; ``None`` or empty = every non-hidden folder of ``root``.
         on_error: ``"raise"`` or ``"skip"`` (see module docstring).
 
@@ -136,25 +192,19 @@ def list_samples(
         ``(samples, skipped_reasons)``.
 
     Raises:
-        DataError: The root is missing, no pair is found at all, or (``on_error="raise"``) a centre
-            is missing/empty, an image has no mask or vice versa, a stem is duplicated, or a file has
-            an unsupported type. The message names the file or folder.
+        DataError: The root is missing, a named centre does not exist (listing the valid ones), no
+            pair is found at all, or (``on_error="raise"``) a centre lacks images/ or masks/ or is
+            empty, an image has no mask or vice versa, a stem is duplicated, or a file has an
+            unsupported type. The message names the file or folder.
     """
     _check_on_error(on_error)
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root.resolve()}: dataset root folder not found")
-    if not centres:
-        centres = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        if not centres:
-            raise DataError(f"{root}: no centre folders in the dataset root")
     skipped: list[str] = []
+    root, centres = resolve_centres(root, centres, on_error, skipped)
     samples: list[Sample] = []
-    for centre in sorted(set(centres)):
+    for centre in centres:
         samples.extend(_list_centre(root, centre, on_error, skipped))
     if not samples:
-        raise DataError(f"{root}: no image/mask pairs found (centres {sorted(set(centres))}; "
-                        f"skipped: {skipped})")
+        raise DataError(f"{root}: no image/mask pairs found (centres {centres}; skipped: {skipped})")
     return samples, skipped
 
 

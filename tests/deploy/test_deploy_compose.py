@@ -220,6 +220,11 @@ def test_run_config_check_names_unknown_keys_and_bad_types() -> None:
         check_run_config(DEPLOY.parent, {"local-steps": "ten"})
     with pytest.raises(ConfigError, match="model"):
         check_run_config(DEPLOY.parent, {"model-config": '{"preset": "huge"}'})
+    # A bad value names the flag it came from and the key as written there.
+    with pytest.raises(ConfigError, match="^--run-config num-server-rounds=-1: num-server-rounds: must be >= 1$"):
+        check_run_config(DEPLOY.parent, {"num-server-rounds": -1, "run-dir": "/tmp/x"})
+    with pytest.raises(ConfigError, match="^--run-config train-config=.*: train-config.steps: must be >= 1"):
+        check_run_config(DEPLOY.parent, {"train-config": '{"steps": 0}'})
 
 
 def test_run_script_checks_before_submitting() -> None:

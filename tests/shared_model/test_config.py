@@ -1,6 +1,7 @@
 """Config parsing: strict keys and types, presets, YAML round trip."""
 
 import pytest
+import yaml
 
 from shared_model.config import (
     ConfigError,
@@ -69,3 +70,31 @@ def test_int_accepted_for_float_but_bool_is_not_int():
     assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
     with pytest.raises(ConfigError, match="train.steps"):
         from_dict(TrainConfig, {"steps": True}, "train")
+
+
+@pytest.mark.parametrize("section,body,message", [
+    ("train", {"steps": -5}, "train.steps: must be >= 1"),
+    ("train", {"steps": 0}, "train.steps: must be >= 1"),
+    ("train", {"batch_size": 0}, "train.batch_size: must be >= 1"),
+    ("train", {"eval_batch_size": -1}, "train.eval_batch_size: must be >= 1"),
+    ("train", {"num_workers": -2}, "train.num_workers: must be >= 0"),
+    ("train", {"warmup_steps": -1}, "train.warmup_steps: must be >= 0"),
+    ("train", {"lr": 0.0}, "train.lr: must be > 0"),
+    ("data", {"val_fraction": 0.5, "test_fraction": 0.5}, "data.test_fraction: val_fraction \\+ test_fraction"),
+    ("data", {"on_error": "ignore"}, "data.on_error: 'ignore' not in \\['raise', 'skip'\\]"),
+])
+def test_site_experiment_refuses_counts_that_make_no_sense(tmp_path, section, body, message):
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({section: body}))
+    with pytest.raises(ConfigError, match=f"^{path}: {message}"):
+        site_experiment_from_dict(load_yaml(path), str(path))
+
+
+def test_train_refuses_a_bad_config_before_training(tmp_path, capsys):
+    from shared_model.cli import main
+
+    path = tmp_path / "site.yaml"
+    path.write_text("train:\n  steps: -5\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert f"{path}: train.steps: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.pt").exists()

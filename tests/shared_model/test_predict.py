@@ -163,7 +163,14 @@ def test_bad_checkpoint_files_are_named(checkpoint, image_folder, tmp_path, caps
     for name, (obj, needles) in cases.items():
         torch.save(obj, tmp_path / name)
     (tmp_path / "notes.pt").write_text("these are my notes, not weights\n")
-    cases["notes.pt"] = (None, ["not a readable checkpoint (", "expected a promptsam checkpoint"])
+    cases["notes.pt"] = (None, ["not a readable checkpoint: a text file (it starts with 'these are my notes",
+                                "expected a promptsam checkpoint"])
+    (tmp_path / "readme.pt").write_text("epochs: 3\n")  # torch.load said "KeyError: 101" (ord('e'))
+    cases["readme.pt"] = (None, ["not a readable checkpoint: a text file (it starts with 'epochs: 3')"])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases["empty.pt"] = (None, ["not a readable checkpoint: an empty file"])
+    (tmp_path / "image.pt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    cases["image.pt"] = (None, ["not a readable checkpoint: a binary file starting with"])
     for name, (_, needles) in cases.items():
         err = _predict_error([str(folder), "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "o")],
                              capsys)
@@ -259,3 +266,18 @@ def test_saliency_heatmap_is_normalised_per_image(checkpoint):
     model = load_model_checkpoint(checkpoint)[0]
     (pred,) = predict_images(model, [np.full((40, 50, 3), 128, np.uint8)], device="cpu")
     assert pred.raw_saliency.shape == (40, 50) and pred.heat is pred.raw_saliency  # the M2IB map, before the CRF
+
+
+def test_empty_folder_exits_1_as_the_help_says(checkpoint, tmp_path, capsys):
+    from shared_model.cli import build_parser
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), "--checkpoint", str(checkpoint), "--device", "cpu",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert f"no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff) found in {empty}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    assert "1 when none could be (an empty folder, or every file skipped)" in predict.description
+    # A missing input is a usage error: 2.
+    assert main(["predict", str(tmp_path / "nowhere"), "--checkpoint", str(checkpoint)]) == 2

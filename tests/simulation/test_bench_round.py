@@ -48,5 +48,7 @@ def test_bench_round_prints_costs_as_json(one_thread, capsys):
 
 
 def test_bench_round_rejects_bad_sizes(capsys):
-    assert main(["bench", "round", "--hospitals", "0", "--agg-preset", "tiny"]) == 2
-    assert "--hospitals" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the flag's type, before anything runs
+        main(["bench", "round", "--hospitals", "0", "--agg-preset", "tiny"])
+    assert exit_info.value.code == 2
+    assert "argument --hospitals: must be an integer >= 1, got 0" in capsys.readouterr().err

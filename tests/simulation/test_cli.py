@@ -33,3 +33,13 @@ def test_prepare_run_generates_data_and_checks_the_partitioning(tmp_path):
     assert (run_dir / "experiment.json").is_file()
     with pytest.raises(PartitionError, match="2 hospitals but 3 centres"):
         prepare_run(DEFAULT_CONFIG, {"simulation.num_supernodes": 2, "synthetic.per_centre": 4}, run_dir)
+
+
+def test_a_bad_set_value_names_the_flag_and_the_dotted_key(tmp_path, capsys, monkeypatch):
+    from shared_model.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "--set", "federation.num_server_rounds=-3"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --set federation.num_server_rounds=-3: federation.num_server_rounds: must be >= 1\n")
+    assert not (tmp_path / "runs").exists()  # refused before any run folder is made

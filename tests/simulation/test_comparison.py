@@ -131,6 +131,13 @@ def test_bad_compare_sections_name_the_field(tmp_path, compare, message):
         load_comparison(_write(tmp_path, {**SYNTHETIC, "compare": {**SYNTHETIC["compare"], **compare}}))
 
 
+def test_a_bad_override_names_the_set_flag(tmp_path):
+    with pytest.raises(ConfigError, match="^--set compare.rounds=0: compare.rounds: must be >= 1$"):
+        load_comparison(_write(tmp_path, SYNTHETIC), {"compare.rounds": "0"})
+    with pytest.raises(ConfigError, match="^--set train.batch_size=0: train.batch_size: must be >= 1$"):
+        load_comparison(_write(tmp_path, SYNTHETIC), {"train.batch_size": "0"})
+
+
 def test_the_comparison_needs_one_hospital_per_centre(tmp_path):
     with pytest.raises(ConfigError, match="partition.mode"):
         load_comparison(_write(tmp_path, {**SYNTHETIC, "partition": {"mode": "iid"}}))

@@ -63,9 +63,19 @@ def test_run_config_file_is_valid_toml_for_flwr(tmp_path):
     ("data", {"centres": "a"}, "data.centres: expected a list"),
     ("model", {"preset": "tiny", "sam": {"lora_rnk": 2}}, "model.sam: unknown key 'lora_rnk'"),
     ("model", {"preset": "huge"}, "unknown preset 'huge'"),
-    ("partition", {"mode": "random"}, "partition-mode: 'random' not in"),
-    ("federation", {"strategy": "fedsgd"}, "strategy: 'fedsgd' not in"),
+    ("partition", {"mode": "random"}, "partition.mode: 'random' not in"),
+    ("federation", {"strategy": "fedsgd"}, "federation.strategy: 'fedsgd' not in"),
+    ("federation", {"num_server_rounds": -1}, "federation.num_server_rounds: must be >= 1"),
+    ("federation", {"local_steps": 0}, "federation.local_steps: must be >= 1"),
+    ("partition", {"min_size": 0}, "partition.min_size: must be >= 1"),
     ("simulation", {"num_supernodes": 0}, "simulation.num_supernodes: must be >= 1"),
+    ("simulation", {"client_cpus": 0}, "simulation.client_cpus: must be >= 1"),
+    ("synthetic", {"per_centre": 0}, "synthetic.per_centre: must be >= 1"),
+    ("train", {"steps": -5}, "train.steps: must be >= 1"),
+    ("train", {"batch_size": 0}, "train.batch_size: must be >= 1"),
+    ("train", {"num_workers": -1}, "train.num_workers: must be >= 0"),
+    ("data", {"test_fraction": 1.0}, "data.test_fraction: must be in \\[0, 1\\)"),
+    ("privacy", {"planned_steps": -1}, "privacy.planned_steps: must be >= 0"),
     ("bogus", {"x": 1}, "unknown top-level key\\(s\\) \\['bogus'\\]"),
 ])
 def test_yaml_errors_name_the_file_and_field(tmp_path, section, body, message):
@@ -86,6 +96,11 @@ def test_yaml_errors_name_the_file_and_field(tmp_path, section, body, message):
     ({"model-config": '{"preset": "tiny", "crf": {"iterations": "3"}}'}, "model-config.crf.iterations"),
     ({"wire-dtype": "int8"}, "wire-dtype: 'int8' not in"),
     ({"fraction-train": 0.0}, "fraction-train: must be in \\(0, 1\\]"),
+    ({"num-server-rounds": 0}, "num-server-rounds: must be >= 1"),
+    ({"partition-min-size": 0}, "partition-min-size: must be >= 1"),
+    ({"train-config": '{"steps": 0}'}, "train-config.steps: must be >= 1"),
+    ({"train-config": '{"eval_batch_size": 0}'}, "train-config.eval_batch_size: must be >= 1"),
+    ({"data-config": '{"val_fraction": -0.1}'}, "data-config.val_fraction: must be in"),
 ])
 def test_run_config_errors_name_the_key(rc, message):
     with pytest.raises(ConfigError, match=message):
@@ -103,6 +118,20 @@ def test_overrides_set_dotted_keys_with_yaml_scalars(tmp_path):
         apply_overrides(base, {"model.preset.x": 1})
     exp = load_experiment(CONFIGS / "demo.yaml", {"federation.strategy": "fedprox", "federation.proximal_mu": "0.1"})
     assert exp.federation.strategy == "fedprox" and exp.federation.proximal_mu == 0.1
+
+
+def test_a_bad_override_is_blamed_on_the_set_flag_not_the_file(tmp_path):
+    """The bad value came from ``--set``: the error says so, with the key as the user wrote it."""
+    with pytest.raises(ConfigError) as err:
+        load_experiment(CONFIGS / "demo.yaml", {"federation.num_server_rounds": "-1", "train.lr": "0.01"})
+    assert str(err.value) == ("--set federation.num_server_rounds=-1: federation.num_server_rounds: "
+                              "must be >= 1")
+    with pytest.raises(ConfigError, match="^--set train.steps=ten: train.steps: expected an integer"):
+        load_experiment(CONFIGS / "demo.yaml", {"train.steps": "ten"})
+    # A bad value in the file is still blamed on the file, even with (good) overrides.
+    path = _write(tmp_path, {"name": "t", "federation": {"local_steps": 0}})
+    with pytest.raises(ConfigError, match=f"^{path}: federation.local_steps: must be >= 1"):
+        load_experiment(path, {"federation.num_server_rounds": "2"})
 
 
 def test_relative_data_root_resolves_against_the_project(tmp_path):

@@ -290,3 +290,42 @@ def test_real_data_listing(polyp_root):
         counts[s.centre] = counts.get(s.centre, 0) + 1
     assert counts == {"kvasir_seg": 1000, "cvc_clinicdb": 550, "cvc_colondb": 380}
     assert skipped == []
+
+
+# ---------------------------------------------------------------------------- single-centre folders
+
+
+def test_centre_folder_is_one_centre(synthetic_root):
+    """``--data <root>/<centre>`` (a folder holding images/ and masks/) is that one centre."""
+    centre = synthetic_root / "centre_1"
+    samples, skipped = list_samples(centre)
+    assert skipped == [] and len(samples) == 8
+    assert {s.centre for s in samples} == {"centre_1"}
+    assert samples == list_samples(synthetic_root, ["centre_1"])[0]  # same keys as via the root
+    assert list_samples(centre, ["centre_1"])[0] == samples
+    with pytest.raises(DataError, match=r"single centre 'centre_1'.*\['centre_0'\]"):
+        list_samples(centre, ["centre_0"])
+
+
+def test_flat_images_masks_pair(tmp_path):
+    for stem in ("a", "b"):
+        _pair(tmp_path, "hospital", stem)
+    samples, _ = list_samples(tmp_path / "hospital")
+    assert [s.key for s in samples] == ["hospital/a", "hospital/b"]
+
+
+def test_wrong_centre_lists_the_valid_ones(synthetic_root):
+    with pytest.raises(DataError, match=r"no centre 'kvasir'; valid centres: \['centre_0', 'centre_1', 'centre_2'\]"):
+        list_samples(synthetic_root, ["kvasir"])
+
+
+def test_resolve_centres(synthetic_root):
+    from shared_model.data.folder import is_centre_folder, resolve_centres
+
+    assert resolve_centres(synthetic_root) == (synthetic_root, ["centre_0", "centre_1", "centre_2"])
+    assert resolve_centres(synthetic_root / "centre_2") == (synthetic_root, ["centre_2"])
+    assert is_centre_folder(synthetic_root / "centre_0") and not is_centre_folder(synthetic_root)
+    with pytest.raises(DataError, match=r"is an images/ folder; give the folder above it \(.*centre_0\)"):
+        resolve_centres(synthetic_root / "centre_0" / "images")
+    with pytest.raises(DataError, match="no centre folders"):
+        resolve_centres(synthetic_root / "centre_0" / "masks")

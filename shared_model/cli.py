@@ -27,6 +27,7 @@ from .config import (
     site_experiment_from_dict,
     to_dict,
 )
+from .data_cli import register_data_commands
 from .evaluate_cli import SPLIT_CHOICES
 
 PLUGINS = ("simulation.cli", "deploy.cli", "server.cli")
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.set_defaults(func=cmd_inspect)
+
+    register_data_commands(sub)
 
     p = add_command(sub, "bench", "benchmarks that print JSON")
     bench = p.add_subparsers(dest="bench", required=True, title="benchmarks", metavar="BENCHMARK")

@@ -148,7 +148,7 @@ def format_check(check: DataCheck) -> str:
     if check.ok:
         lines.append(f"problems: none; {usable} pairs ready for training")
     else:
-        lines.append(f"problems ({len(check.problems)}; {usable} of {pairs} pairs usable, the others would "
-                     "stop training, or be skipped with data.on_error: skip):")
+        lines.append(f"problems ({len(check.problems)}; {usable} of {pairs} pairs usable; training stops at the "
+                     "first problem, or skips them with data.on_error: skip):")
         lines.extend(f"  {problem}" for problem in check.problems)
     return "\n".join(lines)

@@ -7,7 +7,8 @@ inside the run folder, points a connection at it, runs ``flwr run <app> <connect
 and always stops the SuperLink (and so its SuperExec children) afterwards.
 
 ``<run_dir>/flower.log`` keeps ``flwr run``'s whole output; the console gets one line per log
-record, without Flower's federation-size banner, empty records or Ray's accelerator FutureWarning.
+record, without Flower's federation-size banner, its actors' shutdown warnings, empty records or
+Ray's accelerator FutureWarning.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from typing import Any, Mapping
 CONNECTION = "promptsam-sim"
 # Ray's "Tip: In future versions of Ray, ..." FutureWarning at ray.init (Ray's current behaviour is kept).
 RAY_TIP_FILTER = "ignore::FutureWarning:ray._private.worker"
-# Flower's federation-size banner, left out of the console (flower.log keeps it): a warning about
+# Left out of the console (flower.log keeps them): Flower's federation-size banner (a warning about
 # Flower's default size, which promptsam always sets, and a hint to resize with a Flower command,
-# where promptsam takes the size from the experiment's ``simulation`` section.
-BANNER_LINES = (
+# where promptsam takes the size from the experiment's ``simulation`` section) and the warning each
+# Ray actor logs when Flower stops it at the end of every run.
+QUIET_LINES = (
     "default simulated SuperNodes changed from 10 to 2",
     "To change federation size, use the following command:",
     "flwr federation simulation-config",
+    "Manually terminating ClientAppActor",
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EMPTY_RECORD = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
@@ -156,11 +159,11 @@ def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
 def console_line(line: str, colour: bool) -> str | None:
     """A line of ``flwr run``'s output as the console shows it, or None to leave it out.
 
-    Leaves out Flower's federation-size banner (:data:`BANNER_LINES`) and log records with an
-    empty message; strips the colour codes unless ``colour``.
+    Leaves out the lines of :data:`QUIET_LINES` and log records with an empty message; strips the
+    colour codes unless ``colour``.
     """
     plain = _ANSI.sub("", line)
-    if any(text in plain for text in BANNER_LINES) or _EMPTY_RECORD.fullmatch(plain.strip()):
+    if any(text in plain for text in QUIET_LINES) or _EMPTY_RECORD.fullmatch(plain.strip()):
         return None
     return line if colour else plain
 

@@ -14,11 +14,12 @@ FLOWER_OUTPUT = [
     "\x1b[92mINFO \x1b[0m:      To change federation size, use the following command:\n",
     "\x1b[92mINFO \x1b[0m:      \tflwr federation simulation-config @none/default <superlink> --num-supernodes <N>\n",
     "\x1b[92mINFO \x1b[0m:      round 1/1: global Dice 0.0252, federated Dice 0.0252\n",
+    "\x1b[36m(ClientAppActor pid=18750)\x1b[0m \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor\n",
     "\x1b[92mINFO \x1b[0m:      \n",
 ]
 
 
-def test_console_leaves_out_the_federation_size_banner_and_empty_records():
+def test_console_leaves_out_the_federation_size_banner_actor_shutdowns_and_empty_records():
     shown = [console_line(line, colour=False) for line in FLOWER_OUTPUT]
     assert [line for line in shown if line is not None] == [
         "INFO :      Starting Flower Simulation\n",

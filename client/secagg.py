@@ -43,7 +43,7 @@ class SecAggHospital(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train one round on the global state ``parameters``; return the delta, weight, metrics."""
-        from client.app import local_update
+        from client.update import local_update
         from shared_model.config import from_run_config
 
         settings = from_run_config(dict(self._context.run_config))
@@ -72,7 +72,7 @@ def _exchanged_names(settings: RunSettings) -> list[str]:
 def _names_for(model_json: str) -> tuple[str, ...]:
     from shared_model.config import from_dict, ModelConfig
     from shared_model.exchange import trainable_names
-    from shared_model.model import build_model
+    from shared_model.modeling.prompt_sam import build_model
 
     return tuple(trainable_names(build_model(from_dict(ModelConfig, json.loads(model_json), "model"))))
 

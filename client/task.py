@@ -3,7 +3,7 @@
 ``client/app.py`` adapts these to Flower messages. The data comes either from the node's own
 folder (deployment: ``data-path`` in the node config) or from a partition of a pooled folder
 (simulation: ``partition-id`` / ``num-partitions``). Training uses the single-site
-``shared_model.train.train_model``; the reply is the delta of the exchanged state.
+``shared_model.training.loop.train_model``; the reply is the delta of the exchanged state.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict
     if hospitals and hospitals != node.num_partitions:
         raise ConfigError(f"partition-hospitals is {hospitals} but the simulation runs "
                           f"{node.num_partitions} nodes (num-partitions)")
-    from simulation.partition import hospital_splits
+    from shared_model.data.partition import hospital_splits
 
     site = hospital_splits(data, settings.partition, node.num_partitions)[node.partition_id]
     return site.name, {"train": site.train, "val": site.val, "test": site.test}
@@ -156,7 +156,7 @@ class TrainOutcome:
     delta: "OrderedDict[str, torch.Tensor]"
     metrics: dict[str, int | float]
     optimizer_state: dict | None
-    privacy_state: dict | None = None  # local-DP accountant history (see shared_model.privacy)
+    privacy_state: dict | None = None  # local-DP accountant history (see shared_model.training.privacy)
 
 
 def read_ledger(path: str | Path) -> tuple[dict | None, str, list[float]]:
@@ -237,11 +237,11 @@ def train_round(
         privacy_state: The local-DP accountant history of earlier rounds, or None.
 
     Raises:
-        shared_model.privacy.PrivacyBudgetExceeded: If this round would take the hospital past
+        shared_model.training.privacy.PrivacyBudgetExceeded: If this round would take the hospital past
             its epsilon budget (nothing is trained).
     """
-    from shared_model.evaluate import evaluate_model
-    from shared_model.train import LRSchedule, train_model
+    from shared_model.training.evaluate import evaluate_model
+    from shared_model.training.loop import LRSchedule, train_model
 
     fed = settings.federation
     schedule = LRSchedule.federated(server_round, fed.local_steps, fed.num_server_rounds)
@@ -253,7 +253,7 @@ def train_round(
     local_dp = privacy is not None and privacy.local_dp
     epsilon = None
     if local_dp:
-        from shared_model.privacy import train_model_dp
+        from shared_model.training.privacy import train_model_dp
 
         result, privacy_state, epsilon = train_model_dp(
             model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
@@ -294,7 +294,7 @@ def evaluate_round(
     Raises:
         ValueError: If the hospital has no validation split.
     """
-    from shared_model.evaluate import evaluate_model
+    from shared_model.training.evaluate import evaluate_model
 
     if data.val is None:
         raise ValueError(f"hospital {data.name!r} has no validation samples to evaluate on")

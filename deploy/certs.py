@@ -254,20 +254,3 @@ def generate_certs(out: str | Path, sans: list[str], hospitals: list[str], force
     return bundle
 
 
-def load_public_keys(folder: str | Path) -> dict[str, bytes]:
-    """``{name: OpenSSH public line}`` for every ``<name>.pub`` in ``folder`` (sorted by name).
-
-    Raises:
-        ValueError: naming a file that is not an EC public key on a NIST curve.
-    """
-    keys: dict[str, bytes] = {}
-    for path in sorted(Path(folder).glob("*.pub")):
-        data = path.read_bytes()
-        try:
-            key = serialization.load_ssh_public_key(data)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: not an OpenSSH public key ({err})") from err
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise ValueError(f"{path}: Flower needs an ECDSA key (NIST curve), got {type(key).__name__}")
-        keys[path.stem] = data
-    return keys

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from .certs import validate_names
-from .commands import format_config
+from deploy.certs import validate_names
+from deploy.commands import format_config
 
 FLWR_VERSION = "1.42.0"
 SUPERLINK_IMAGE = f"flwr/superlink:{FLWR_VERSION}"

@@ -5,12 +5,11 @@ For each N in ``--nodes``: a fresh SuperLink (TLS + SuperNode authentication), N
 the ``tiny`` preset for ``--rounds`` rounds with ``min-nodes = N``. Reported per N: time to bring the
 nodes online, the server's mean round time (its ``metrics.jsonl``), accepted replies, the end-to-end run
 time and the peak memory (PSS) of all processes together. Everything runs on 127.0.0.1 and is stopped
-afterwards. Not part of CI (minutes on 2 cores); run ``python -m deploy.load --nodes 2 8 16``.
+afterwards. Not part of CI (minutes on 2 cores); run ``promptsam deploy load --nodes 2 8 16``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,10 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared_model.argtypes import positive_float, positive_int
 
-from .certs import generate_certs
-from .local import LocalFederation, descendants
+from deploy.certs import generate_certs
+from deploy.local import LocalFederation, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,33 +132,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.load", description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=positive_int, nargs="+", default=[2, 8, 16],
-                        help="numbers of SuperNodes to measure (default: 2 8 16)")
-    parser.add_argument("--rounds", type=positive_int, default=2, help="federated rounds per run (default: 2)")
-    parser.add_argument("--local-steps", type=positive_int, default=2,
-                        help="local training steps per hospital per round (default: 2)")
-    parser.add_argument("--per-site", type=positive_int, default=8, help="synthetic image/mask pairs per hospital")
-    parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds allowed per run")
-    parser.add_argument("--workdir", help="keep logs here (default: a temporary folder)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
+def run_load(nodes: list[int], rounds: int = 2, local_steps: int = 2, per_site: int = 8, timeout: float = 1800.0,
+             workdir: str | None = None, json_path: str | None = None) -> int:
+    """Measure every count of SuperNodes in ``nodes``; print the table; 0 when every run finished.
+
+    Args:
+        nodes: Numbers of SuperNodes to measure.
+        rounds: Federated rounds per run.
+        local_steps: Local training steps per hospital per round.
+        per_site: Synthetic image/mask pairs per hospital.
+        timeout: Seconds allowed per run.
+        workdir: Keep the logs here (default: a temporary folder).
+        json_path: Also write the rows to this JSON file.
+    """
     rows = []
     with tempfile.TemporaryDirectory(prefix="promptsam-load-") as tmp:
-        base = Path(args.workdir or tmp)
-        for n in args.nodes:
+        base = Path(workdir or tmp)
+        for n in nodes:
             print(f"measuring {n} SuperNodes ...", file=sys.stderr, flush=True)
-            row = measure(n, base / f"n{n}", args.rounds, args.local_steps, args.per_site, args.timeout)
+            row = measure(n, base / f"n{n}", rounds, local_steps, per_site, timeout)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "error"}), file=sys.stderr, flush=True)
             if "error" in row:
                 print(row["error"], file=sys.stderr)
     print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .certs import CertBundle
-from .commands import register_command, run_command, superlink_command, supernode_command, write_connection
+from deploy.certs import CertBundle
+from deploy.commands import register_command, run_command, superlink_command, supernode_command, write_connection
 
 CONNECTION = "local-tls"
 
@@ -279,7 +279,7 @@ class LocalFederation:
         return self.spawn(f"run-{n}", run_command(app_dir, CONNECTION, run_config, stream=True), cwd=app_dir)
 
     def _json(self, args: list[str], key: str, timeout: float) -> list[dict[str, Any]]:
-        from .commands import executable
+        from deploy.commands import executable
 
         res = self.cli([executable("flwr"), *args, CONNECTION, "--format", "json"], timeout)
         payload = _json_payload(res.stdout)

@@ -115,7 +115,7 @@ def overlay_examples(model: Any, dataset: Any, n: int = OVERLAY_EXAMPLES, device
     import torch
 
     from shared_model.inference import panels, predict_images
-    from shared_model.metrics import segmentation_metrics
+    from shared_model.training.metrics import segmentation_metrics
 
     count = min(n, len(dataset))
     if count <= 0:

@@ -48,7 +48,7 @@ class FederatedServer:
     """
 
     def __init__(self, settings: RunSettings, run_config: dict[str, Any] | None = None) -> None:
-        from shared_model.model import build_model
+        from shared_model.modeling.prompt_sam import build_model
 
         fed = settings.federation
         if not fed.run_dir:
@@ -88,7 +88,7 @@ class FederatedServer:
         part = self.settings.partition
         if part.hospitals <= 0:
             return {}
-        from simulation.partition import hospital_splits
+        from shared_model.data.partition import hospital_splits
 
         sites = hospital_splits(self.settings.data, part, part.hospitals)
         return {i: site.name for i, site in enumerate(sites)}
@@ -103,7 +103,7 @@ class FederatedServer:
 
     def evaluate(self, state: "OrderedDict[str, torch.Tensor]", dataset=None) -> dict[str, float] | None:
         """Dice/IoU/HD95/precision/recall of ``state`` on the global evaluation set (or ``dataset``)."""
-        from shared_model.evaluate import evaluate_model
+        from shared_model.training.evaluate import evaluate_model
 
         dataset = self.eval_set if dataset is None else dataset
         if dataset is None:
@@ -115,7 +115,7 @@ class FederatedServer:
 
     def test_report(self, state: "OrderedDict[str, torch.Tensor]") -> dict[str, Any]:
         """Dice/IoU/HD95 of ``state`` on the pooled test split and on each centre's part of it."""
-        from shared_model.evaluate import evaluate_model
+        from shared_model.training.evaluate import evaluate_model
 
         set_exchanged_state(self.model, state)
         fed = self.settings.federation

@@ -46,7 +46,7 @@ from flwr.supercore.privacy_accounting import (
 )
 
 from shared_model.config import ConfigError, FederationConfig, PartitionConfig, PrivacyConfig, RunSettings
-from shared_model.dp_accounting import accountant_from_state, new_accountant_state, spent_epsilon
+from shared_model.training.accounting import accountant_from_state, extend_history, new_accountant_state, spent_epsilon
 
 ACCOUNTING_METHOD = "rdp (opacus)"
 log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
@@ -82,18 +82,6 @@ class OpacusRdpAccountant:
             return 1.0
         raise ValueError("OpacusRdpAccountant supports Poisson or no-amplification sampling")
 
-    def _with(self, noise_multiplier: float, rate: float, count: int) -> dict[str, Any]:
-        state = {k: list(v) if isinstance(v, list) else v for k, v in self._state.items()}
-        if state["noise_multiplier"] and (state["noise_multiplier"][-1], state["sample_rate"][-1]) == (
-            float(noise_multiplier), float(rate)
-        ):
-            state["steps"][-1] += int(count)
-        else:
-            state["noise_multiplier"].append(float(noise_multiplier))
-            state["sample_rate"].append(float(rate))
-            state["steps"].append(int(count))
-        return state
-
     def compose(self, event: GaussianPrivacyEvent, count: int = 1) -> None:
         """Add ``count`` releases of ``event``."""
         self.compose_gaussian(event.noise_multiplier, self._rate(event), count)
@@ -102,7 +90,7 @@ class OpacusRdpAccountant:
         """Add ``count`` Gaussian releases (noise std / sensitivity = ``noise_multiplier``)."""
         if not noise_multiplier > 0 or count < 1:
             raise ValueError("a release needs a positive noise multiplier and count >= 1")
-        self._state = self._with(noise_multiplier, sample_rate, count)
+        self._state = extend_history(self._state, noise_multiplier, sample_rate, count)
         self._releases += count
 
     def get_epsilon(self, delta: float) -> float:
@@ -128,7 +116,7 @@ class OpacusRdpAccountant:
         limit = self._config.max_epsilon if max_epsilon is None else max_epsilon
         if limit is None:
             return False
-        state = self._with(event.noise_multiplier, self._rate(event), count)
+        state = extend_history(self._state, event.noise_multiplier, self._rate(event), count)
         return spent_epsilon(state, self._config.target_delta, "rdp") > limit
 
     def state_dict(self) -> dict[str, object]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .config import (
+from shared_model.config import (
     PRESETS,
     ConfigError,
     ModelConfig,
@@ -33,7 +33,7 @@ from .config import (
     model_config_from_dict,
     to_dict,
 )
-from .exchange import ExchangeError, get_exchanged_state, set_exchanged_state
+from shared_model.exchange import ExchangeError, get_exchanged_state, set_exchanged_state
 
 FORMAT = "promptsam-checkpoint/1"
 SERVER_FORMAT = "promptsam-fl-checkpoint/1"  # server/checkpoint.py's resume file, recognised for errors
@@ -244,7 +244,7 @@ def load_model_checkpoint(
             other config (listing the differing dotted fields), or a stored state that does not
             fit the model built from its config (naming the missing/unexpected/misshapen keys).
     """
-    from .model import build_model
+    from shared_model.modeling.prompt_sam import build_model
 
     payload = read_checkpoint(path)
     cfg = checkpoint_config(payload, path)

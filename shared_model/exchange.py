@@ -119,13 +119,6 @@ def state_delta(
     return OrderedDict((k, new[k].float() - old[k].float()) for k in old)
 
 
-def apply_delta(
-    state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float = 1.0
-) -> "OrderedDict[str, torch.Tensor]":
-    """``state + scale * delta`` per key (float32), as a new state."""
-    return OrderedDict((k, state[k].float() + scale * delta[k].float()) for k in state)
-
-
 def cast_state(
     state: Mapping[str, torch.Tensor], dtype: str | torch.dtype
 ) -> "OrderedDict[str, torch.Tensor]":

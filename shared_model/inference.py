@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .model import PromptSAM
-from .train import autocast_for, resolve_device
+from shared_model.modeling.prompt_sam import PromptSAM
+from shared_model.training.loop import autocast_for, resolve_device
 
 MASK_COLOUR = (0, 255, 0)
 TRUTH_COLOUR = (255, 255, 0)
@@ -66,7 +66,7 @@ class Prediction:
 
 
 def check_device(device: str | torch.device | None = "auto") -> torch.device:
-    """Resolve a device name like :func:`~shared_model.train.resolve_device`, but fail clearly.
+    """Resolve a device name like :func:`~shared_model.training.loop.resolve_device`, but fail clearly.
 
     Args:
         device: ``"auto"``/None (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.

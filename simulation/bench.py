@@ -18,9 +18,6 @@ Three measurements:
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -33,8 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.wire import record_nbytes, state_to_record
 from server.strategy import GuardedStrategy
-from shared_model.argtypes import add_command, positive_int
-from shared_model.config import PRESETS, get_preset
+from shared_model.config import get_preset
 from shared_model.exchange import WIRE_DTYPES, get_exchanged_state, state_shapes
 from simulation.inprocess import InProcessGrid
 
@@ -178,7 +174,7 @@ def bench_inprocess_rounds(hospitals: int, rounds: int, local_steps: int, run_di
     from client.app import app as client_app
     from server.loop import FederatedServer
     from shared_model.config import from_run_config
-    from simulation.cli import prepare_run
+    from simulation.experiment import prepare_run
 
     overrides = {
         "federation.num_server_rounds": rounds, "federation.local_steps": local_steps,
@@ -235,7 +231,7 @@ def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100), rounds
     """All three measurements (see the module docstring) as one JSON-serialisable dict."""
     if hospitals < 1 or rounds < 1 or local_steps < 1 or repeats < 1 or any(u < 1 for u in updates):
         raise ValueError("bench round: --hospitals, --rounds, --local-steps, --repeats and --updates must be >= 1")
-    from shared_model.model import build_model
+    from shared_model.modeling.prompt_sam import build_model
 
     start = time.perf_counter()
     agg_shapes = OrderedDict((k, tuple(v)) for k, v in state_shapes(build_model(get_preset(agg_preset))).items())
@@ -262,46 +258,3 @@ def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100), rounds
         "definitions": DEFINITIONS,
         "bench_seconds": time.perf_counter() - start,
     }
-
-
-def cmd_bench_round(args: argparse.Namespace) -> int:
-    """Entry point of ``promptsam bench round``."""
-    result = bench_round(args.hospitals, tuple(args.updates), args.rounds, args.agg_preset, args.local_steps,
-                         args.repeats, args.run_dir)
-    if args.json:
-        print(json.dumps(result, indent=2), flush=True)
-        return 0
-    for dtype, row in result["payload"]["per_client_per_round"].items():
-        print(f"{dtype:>8}: up {row['up_bytes']:,} B, down {row['down_bytes_per_round']:,} B per client per round; "
-              "aggregation " + ", ".join(f"{k} updates {v['seconds'] * 1000:.1f} ms"
-                                         for k, v in result["aggregation_seconds"]["by_wire_dtype"][dtype].items()))
-    for r in result["flower_overhead"]["per_round"]:
-        print(f"round {r['round']}: {r['round_seconds']:.2f} s, clients {r['client_app_seconds']['total']:.2f} s, "
-              f"Flower overhead {r['flower_overhead_seconds']:.3f} s ({100 * r['flower_overhead_share']:.1f}% of "
-              "client compute)")
-    return 0
-
-
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``round`` to the ``promptsam bench`` subcommands."""
-    p = add_command(bench_subparsers, "round", "one federated round's costs: bytes, aggregation time, "
-                                               "Flower overhead (tiny preset, CPU)")
-    p.add_argument("--hospitals", type=positive_int, default=3, help="simulated hospitals in the in-process round")
-    p.add_argument("--updates", type=positive_int, nargs="+", default=[10, 100],
-                   help="numbers of updates to aggregate")
-    p.add_argument("--rounds", type=positive_int, default=2, help="in-process rounds (the first one includes warm-up)")
-    p.add_argument("--agg-preset", default="base", choices=sorted(PRESETS),
-                   help="preset whose exchanged state is aggregated (tiny for a fast check)")
-    p.add_argument("--local-steps", type=positive_int, default=2, help="local training steps per client per round")
-    p.add_argument("--repeats", type=positive_int, default=3, help="aggregation timing: best of this many")
-    p.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
-    p.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
-    p.set_defaults(func=cmd_bench_round)
-    return p
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="promptsam bench")
-    register_bench(parser.add_subparsers(dest="bench", required=True))
-    cli_args = parser.parse_args()
-    sys.exit(cli_args.func(cli_args))

@@ -169,7 +169,7 @@ def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0):
     Only the training split is augmented (if the data config says so).
     """
     from shared_model.data.folder import PolypDataset
-    from simulation.partition import hospital_splits
+    from shared_model.data.partition import hospital_splits
 
     data = replace(exp.data, centres=list(centres))
     samples = [s for site in hospital_splits(data, exp.partition, len(centres)) for s in getattr(site, split)]
@@ -181,8 +181,8 @@ def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0):
 def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
     """Centralized or local training: ``steps`` AdamW steps on the pooled train split of ``centres``."""
     from shared_model.checkpoint import save_model_checkpoint
-    from shared_model.model import build_model
-    from shared_model.train import train_model
+    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.training.loop import train_model
 
     train = _dataset(exp, centres, "train", seed)
     model = build_model(model_config_from_dict(exp.model))
@@ -223,7 +223,7 @@ def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg
 def evaluate_checkpoint(exp: Experiment, checkpoint: str, centres: list[str]) -> dict[str, Any]:
     """Per-image metrics of a checkpoint on each of ``centres``' test splits."""
     from shared_model.checkpoint import load_model_checkpoint
-    from shared_model.evaluate import evaluate_model
+    from shared_model.training.evaluate import evaluate_model
 
     model, _ = load_model_checkpoint(checkpoint)
     test = _dataset(exp, centres, "test")
@@ -317,7 +317,7 @@ def prompt_style_results(exp: Experiment, jobs: dict[str, Any], cfg: CompareConf
                          centres: list[str]) -> dict[str, Any]:
     """Dice of one trained model (``compare.prompt_model``) on the pooled test split per prompt style."""
     from shared_model.checkpoint import load_model_checkpoint
-    from shared_model.evaluate import evaluate_prompt_styles
+    from shared_model.training.evaluate import evaluate_prompt_styles
 
     key = Job("all", cfg.prompt_model, centres, cfg.seeds[0]).key
     model, _ = load_model_checkpoint(jobs[key]["checkpoint"])

@@ -114,7 +114,7 @@ def run_inprocess(
     from client.app import app as client_app
     from server.loop import FederatedServer
     from shared_model.config import from_run_config
-    from simulation.cli import prepare_run
+    from simulation.experiment import prepare_run
 
     exp, run_dir = prepare_run(config_path, overrides, run_dir, resume)
     run_config = exp.run_config()

@@ -89,7 +89,7 @@ def secagg_cost(config: Path = CONFIG, rounds: int = 2, local_steps: int = 2, re
     from client.app import app as client_app
     from server.loop import FederatedServer
     from shared_model.config import from_run_config
-    from simulation.cli import prepare_run
+    from simulation.experiment import prepare_run
     from simulation.inprocess import InProcessGrid
 
     samples: dict[str, list[dict[str, float]]] = {"plain": [], "secagg": []}

@@ -234,3 +234,39 @@ def run_flower_simulation(
     finally:
         stop_process(superlink)
     return log_file
+
+
+def simulate(config_path: str | Path, overrides: Mapping[str, Any] | None = None,
+             run_dir: str | Path | None = None, resume: bool = False, echo: bool = True) -> Path:
+    """Run an experiment on the simulation engine; return the path of its report.
+
+    Args:
+        config_path: Experiment YAML.
+        overrides: Dotted keys -> values applied to the YAML (``{"federation.num_server_rounds": 2}``).
+        run_dir: Run folder (default ``runs/<name>-<time>``); holds data, logs, checkpoints, report.
+        resume: Continue the run in ``run_dir`` from its last checkpoint.
+        echo: Stream Flower's log to stdout.
+    """
+    from simulation.experiment import PROJECT_ROOT, prepare_run
+
+    exp, run_dir = prepare_run(config_path, overrides, run_dir, resume)
+    sim = exp.simulation
+    run_flower_simulation(
+        PROJECT_ROOT, run_dir, exp.run_config(),
+        SimulationResources(sim.num_supernodes, sim.client_cpus, sim.client_gpus),
+        timeout=sim.timeout or None, echo=echo,
+    )
+    report = run_dir / "report.md"
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the run ended without a summary; see {run_dir / 'flower.log'}")
+    summary = json.loads(summary_path.read_text())
+    print(f"report: {report}")
+    if (run_dir / "report.html").is_file():
+        print(f"report (HTML, open in a browser): {run_dir / 'report.html'}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rounds = sorted({*summary["global"]["dice"], *summary["federated_dice"]}, key=int)
+    for rnd in rounds:
+        print(f"round {rnd}: global Dice {fmt(summary['global']['dice'].get(rnd))}, "
+              f"federated Dice {fmt(summary['federated_dice'].get(rnd))}")
+    return report

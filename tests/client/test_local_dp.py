@@ -10,8 +10,8 @@ from client.app import BUDGET_EXHAUSTED, app as client_app
 from client.task import hospital_privacy, parse_node_config, read_ledger
 from server.loop import FederatedServer
 from shared_model.config import ConfigError, from_run_config
-from shared_model.privacy import epsilon_after
-from simulation.cli import prepare_run
+from shared_model.training.privacy import epsilon_after
+from simulation.experiment import prepare_run
 from simulation.experiment import PROJECT_ROOT
 from simulation.inprocess import InProcessGrid
 

@@ -242,7 +242,7 @@ def test_cli_prints_each_partys_command_and_writes_connections(tmp_path: Path, c
     import tomllib
 
     from deploy.certs import generate_certs
-    from deploy.cli import main
+    from cli.deploy import main
 
     certs = generate_certs(tmp_path / "c", ["DNS:localhost"], ["a"])
     assert main(["superlink", "--certs", str(certs.out), "--port", "9100"]) == 0

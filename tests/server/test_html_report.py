@@ -15,11 +15,11 @@ import torch
 
 from server.html_report import PANELS, overlay_examples, write_html_report
 from server.report import summarize, write_report
-from shared_model.cli import main as promptsam
+from cli.main import main as promptsam
 from shared_model.config import (DataConfig, FederationConfig, PartitionConfig, PrivacyConfig, TrainConfig,
                                  get_preset, to_run_config)
 from shared_model.data.folder import PolypDataset, list_samples
-from shared_model.model import build_model
+from shared_model.modeling.prompt_sam import build_model
 from simulation.experiment import PROJECT_ROOT
 from simulation.inprocess import run_inprocess
 from tests.server.test_report import _rows, _same_data_rows

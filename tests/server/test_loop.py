@@ -104,17 +104,17 @@ def test_tampered_reply_is_dropped_and_the_round_goes_on(tmp_path, caplog):
 
 
 def test_fedprox_float16_wire_and_optimizer_state_in_context(tmp_path, monkeypatch):
-    import client.app as client_app
+    import client.update as client_update
 
     seen = {}
-    original = client_app.train_round
+    original = client_update.train_round
 
     def spy(*args, **kwargs):
         seen.setdefault("mu", []).append(kwargs["proximal_mu"])
         seen.setdefault("opt", []).append(kwargs["optimizer_state"] is not None)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(client_app, "train_round", spy)
+    monkeypatch.setattr(client_update, "train_round", spy)
     run_inprocess(DEMO, {**FAST, "federation.strategy": "fedprox", "federation.proximal_mu": 0.05,
                          "federation.keep_optimizer_state": True, "federation.wire_dtype": "float16",
                          "synthetic.per_centre": 6}, tmp_path)

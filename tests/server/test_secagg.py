@@ -16,7 +16,7 @@ from server.checkpoint import load_checkpoint
 from server.secagg import secagg_train_round
 from shared_model.config import ModelConfig, from_dict, from_run_config
 from shared_model.exchange import get_exchanged_state
-from shared_model.model import build_model
+from shared_model.modeling.prompt_sam import build_model
 from simulation.experiment import PROJECT_ROOT
 from simulation.inprocess import InProcessGrid, run_inprocess, wire_copy
 

@@ -12,7 +12,6 @@ from shared_model.config import (
     get_preset,
     load_yaml,
     merge,
-    save_yaml,
     site_experiment_from_dict,
     to_dict,
 )
@@ -52,7 +51,7 @@ def test_merge_overrides_nested_and_keeps_rest():
 
 def test_yaml_round_trip(tmp_path):
     cfg = get_preset("tiny")
-    save_yaml(cfg, tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     again = from_dict(ModelConfig, load_yaml(tmp_path / "m.yaml"))
     assert to_dict(again) == to_dict(cfg)
 
@@ -91,7 +90,7 @@ def test_site_experiment_refuses_counts_that_make_no_sense(tmp_path, section, bo
 
 
 def test_train_refuses_a_bad_config_before_training(tmp_path, capsys):
-    from shared_model.cli import main
+    from cli.main import main
 
     path = tmp_path / "site.yaml"
     path.write_text("train:\n  steps: -5\n")

@@ -45,8 +45,8 @@ def test_the_causes_a_plain_opacus_import_and_a_module_level_logging_call():
 
 
 def test_after_the_privacy_imports_and_a_model_build_a_flower_log_line_is_printed_once():
-    out = _run("import logging\nimport shared_model.privacy, shared_model.dp_accounting\n"
-               "from shared_model.config import get_preset\nfrom shared_model.model import build_model\n"
+    out = _run("import logging\nimport shared_model.training.privacy, shared_model.training.accounting\n"
+               "from shared_model.config import get_preset\nfrom shared_model.modeling.prompt_sam import build_model\n"
                "build_model(get_preset('tiny'))\n"
                "from flwr.common.logger import log\n"
                "log(logging.INFO, 'promptsam-marker')\n"

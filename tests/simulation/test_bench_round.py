@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from shared_model.cli import main
+from cli.main import main
 from shared_model.config import get_preset
 from shared_model.exchange import state_numel, get_exchanged_state
-from shared_model.model import build_model
+from shared_model.modeling.prompt_sam import build_model
 
 
 

@@ -17,8 +17,8 @@ from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 from server.checkpoint import load_checkpoint
 from shared_model.config import model_config_from_dict
 from shared_model.exchange import state_shapes
-from shared_model.model import build_model
-from simulation.cli import simulate
+from shared_model.modeling.prompt_sam import build_model
+from simulation.runner import simulate
 from simulation.experiment import PROJECT_ROOT, load_experiment
 
 DEMO = PROJECT_ROOT / "simulation" / "configs" / "demo.yaml"

@@ -19,8 +19,8 @@ from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, LOCAL_DP_METRIC_KEY
 from server.loop import FederatedServer
 from shared_model.config import from_run_config
 from shared_model.data.folder import list_samples
-from shared_model.model import build_model
-from simulation.cli import prepare_run
+from shared_model.modeling.prompt_sam import build_model
+from simulation.experiment import prepare_run
 from simulation.experiment import PROJECT_ROOT
 from simulation.inprocess import InProcessGrid
 

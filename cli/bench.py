@@ -1,0 +1,134 @@
+"""``promptsam bench ...``: the benchmarks (step, memory, dp, round), each printing JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from cli.argtypes import add_command, image_size, non_negative_int, positive_int
+from shared_model.config import PRESETS
+
+
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    from shared_model.benchmarks.step import bench_step
+    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
+
+    load_start = load_average()
+    results = []
+    for size in args.image_size or [None]:
+        result = bench_step(
+            preset=args.preset,
+            image_size=size,
+            batch_size=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+            compile_encoder=args.compile,
+            activation_checkpointing=args.checkpointing,
+        )
+        print(json.dumps(result, indent=2), flush=True)
+        results.append(result)
+    if args.out:
+        write_bench_record(args.out, bench_record(args.argv, args.warmup, results, load_start))
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from shared_model.benchmarks.step import saved_activation_bytes
+
+    for size in args.image_size or [None]:
+        for checkpointing in (False, True):
+            result = saved_activation_bytes(args.preset, size, args.batch, checkpointing,
+                                            torch_dtype(args.dtype), device=args.device)
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cmd_bench_dp(args: argparse.Namespace) -> int:
+    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
+    from shared_model.training.privacy import bench_dp_step, format_bench
+
+    load_start = load_average()
+    result = bench_dp_step(args.preset, batch_size=args.batch, steps=args.steps, device=args.device,
+                           warmup=args.warmup)
+    print(format_bench(result), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2), flush=True)
+    if args.out:
+        write_bench_record(args.out, bench_record(args.argv, args.warmup, [result], load_start))
+    return 0
+
+
+def cmd_bench_round(args: argparse.Namespace) -> int:
+    """Entry point of ``promptsam bench round``."""
+    from simulation.bench import bench_round
+
+    result = bench_round(args.hospitals, tuple(args.updates), args.rounds, args.agg_preset, args.local_steps,
+                         args.repeats, args.run_dir)
+    if args.json:
+        print(json.dumps(result, indent=2), flush=True)
+        return 0
+    for dtype, row in result["payload"]["per_client_per_round"].items():
+        print(f"{dtype:>8}: up {row['up_bytes']:,} B, down {row['down_bytes_per_round']:,} B per client per round; "
+              "aggregation " + ", ".join(f"{k} updates {v['seconds'] * 1000:.1f} ms"
+                                         for k, v in result["aggregation_seconds"]["by_wire_dtype"][dtype].items()))
+    for r in result["flower_overhead"]["per_round"]:
+        print(f"round {r['round']}: {r['round_seconds']:.2f} s, clients {r['client_app_seconds']['total']:.2f} s, "
+              f"Flower overhead {r['flower_overhead_seconds']:.3f} s ({100 * r['flower_overhead_share']:.1f}% of "
+              "client compute)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``promptsam bench`` and its benchmarks; ``common`` adds the shared --device/--verbose options."""
+    p = add_command(subparsers, "bench", "benchmarks that print JSON")
+    bench = p.add_subparsers(dest="bench", required=True, title="benchmarks", metavar="BENCHMARK")
+    b = add_command(bench, "step", "local training step: ours vs the plain SAMed recipe, same batch")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--image-size", type=image_size, nargs="*", help="e.g. 512 1024 (default: the preset's)")
+    b.add_argument("--batch", type=positive_int, default=4, help="images per step (default: 4)")
+    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before the repeats")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
+    b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
+    b.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of the SAM encoder blocks (this project's paths)")
+    common(b)
+    b.set_defaults(func=cmd_bench_step)
+    b = add_command(bench, "memory", "activation bytes kept for backward, with and without checkpointing "
+                    "(device independent; runs on CPU)")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--image-size", type=image_size, nargs="*", help="e.g. 512 1024 (default: the preset's)")
+    b.add_argument("--batch", type=positive_int, default=1, help="images per step (default: 1)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="activation dtype (default: float32)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    b.set_defaults(func=cmd_bench_memory)
+    b = add_command(bench, "dp", "DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
+    common(b)
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--batch", type=positive_int, default=8, help="images per step (default: 8)")
+    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before the repeats")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
+    b.set_defaults(func=cmd_bench_dp)
+    b = add_command(bench, "round", "one federated round's costs: bytes, aggregation time, "
+                                               "Flower overhead (tiny preset, CPU)")
+    b.add_argument("--hospitals", type=positive_int, default=3, help="simulated hospitals in the in-process round")
+    b.add_argument("--updates", type=positive_int, nargs="+", default=[10, 100],
+                   help="numbers of updates to aggregate")
+    b.add_argument("--rounds", type=positive_int, default=2, help="in-process rounds (the first one includes warm-up)")
+    b.add_argument("--agg-preset", default="base", choices=sorted(PRESETS),
+                   help="preset whose exchanged state is aggregated (tiny for a fast check)")
+    b.add_argument("--local-steps", type=positive_int, default=2, help="local training steps per client per round")
+    b.add_argument("--repeats", type=positive_int, default=3, help="aggregation timing: best of this many")
+    b.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
+    b.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
+    b.set_defaults(func=cmd_bench_round)

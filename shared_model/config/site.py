@@ -1,0 +1,112 @@
+"""Data and single-site training settings, and the ``train`` command's YAML (model + data + train)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared_model.config.model import ModelConfig, model_config_from_dict
+from shared_model.config.parse import ConfigError, _raise_first, from_dict
+
+
+@dataclass
+class DataConfig:
+    """A folder dataset ``<root>/<centre>/{images,masks}`` and its split.
+
+    ``root`` may also be one centre's own folder ``<folder>/{images,masks}`` (the centre is then the
+    folder's name; see :func:`shared_model.data.folder.resolve_centres`).
+    """
+
+    root: str = "../shared/data/polyp"
+    centres: list[str] = field(default_factory=list)  # empty = every centre folder under root
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    split_file: str | None = None
+    on_error: str = "raise"  # "raise" or "skip" (skips are reported, never silent)
+    augment: bool = True
+    prompt_mode: str = "attributes"  # "attributes" captions or "class" (the class name only)
+    class_name: str = "polyp"
+
+
+@dataclass
+class TrainConfig:
+    """Single-site training."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    num_workers: int = 0
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA
+    eval_batch_size: int = 8
+    progress: bool = True
+    proximal_mu: float = 0.0
+    time_limit_s: float = 0.0  # stop early after this many seconds (0 = no limit)
+
+
+@dataclass
+class SiteExperiment:
+    """A single-site run: model, data and training settings (the ``train`` command's YAML)."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+
+def site_experiment_from_dict(data: dict[str, Any], source: str = "config") -> SiteExperiment:
+    """Parse ``{"model": {...}, "data": {...}, "train": {...}}`` strictly, naming ``source`` in errors."""
+    unknown = sorted(set(data) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: ['data', 'model', 'train']")
+    try:
+        exp = SiteExperiment(
+            model=model_config_from_dict(data.get("model")),
+            data=from_dict(DataConfig, data.get("data") or {}, "data"),
+            train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+        )
+        check_data(exp.data)
+        check_train(exp.train)
+        return exp
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def check_train(cfg: TrainConfig, prefix: str = "train.") -> None:
+    """Check the ranges of a :class:`TrainConfig`, raising ConfigError naming the field.
+
+    Args:
+        cfg: Training settings.
+        prefix: Prepended to the field name in errors (``train.`` in YAML, ``train-config.``
+            for the run config's JSON).
+    """
+    _raise_first([
+        ("steps", cfg.steps >= 1, "must be >= 1 (optimiser steps)"),
+        ("batch_size", cfg.batch_size >= 1, "must be >= 1"),
+        ("eval_batch_size", cfg.eval_batch_size >= 1, "must be >= 1"),
+        ("lr", cfg.lr > 0.0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay >= 0.0, "must be >= 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
+        ("grad_clip", cfg.grad_clip >= 0.0, "must be >= 0 (0 = no clipping)"),
+        ("num_workers", cfg.num_workers >= 0, "must be >= 0 (0 = load in the main process)"),
+        ("proximal_mu", cfg.proximal_mu >= 0.0, "must be >= 0"),
+        ("time_limit_s", cfg.time_limit_s >= 0.0, "must be >= 0 (0 = no limit)"),
+    ], prefix)
+
+
+def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
+    """Check the choices and split fractions of a :class:`DataConfig`, naming the field."""
+    choices = [("on_error", ("raise", "skip")), ("prompt_mode", ("attributes", "class"))]
+    for name, valid in choices:
+        if getattr(cfg, name) not in valid:
+            raise ConfigError(f"{prefix}{name}: {getattr(cfg, name)!r} not in {list(valid)}")
+    _raise_first([
+        ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "must be in [0, 1)"),
+        ("test_fraction", 0.0 <= cfg.test_fraction < 1.0, "must be in [0, 1)"),
+        ("test_fraction", cfg.val_fraction + cfg.test_fraction < 1.0,
+         f"val_fraction + test_fraction must be < 1, got {cfg.val_fraction} + {cfg.test_fraction}"),
+        ("root", bool(cfg.root), "must name a folder"),
+    ], prefix)

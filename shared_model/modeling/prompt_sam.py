@@ -1,0 +1,298 @@
+"""PromptSAM: the whole text-prompted SAM pipeline, wired from its parts.
+
+Data flow for a batch of B images (S x S, in [0, 1]) and B texts::
+
+    texts --tokenizer--> ClipText (+ context vectors) ----------------------------> t   (B x E)
+    images --ClipVision.forward_to(layer L)--> tokens --M2IB(tokens, t)--> z, KL
+        [tokens; z] --ClipVision.forward_from(L)--> v (clean), v_z (bottlenecked)     (B x E)
+    KL --saliency--> B x 1 x S x S --DenseCRF(image)--> refined saliency
+    refined --boxes (no grad)--> B x K x 4        (or user boxes / points)
+    SAM: encode(images) ; sparse = [box/point tokens ; TextToSparse(t)] ;
+         dense = no_mask + SaliencyToDense(refined) ; batched mask decoder -> mask logits
+
+Losses: Dice + BCE on the mask, DHN-NCE on (v, t), IB = beta * KL - cos(v_z, t), saliency BCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_model.modeling import losses as L
+from shared_model.modeling.bottleneck import M2IB, ib_loss, saliency_from_kl
+from shared_model.modeling.boxes import saliency_to_boxes, validate_boxes
+from shared_model.modeling.clip_text import ClipText
+from shared_model.modeling.biomedclip import build_clip
+from shared_model.modeling.clip_vision import ClipVision
+from shared_model.config import ModelConfig, get_preset
+from shared_model.modeling.crf import DenseCRF
+from shared_model.modeling.prompts import PromptProjections
+from shared_model.modeling.sam import SamParts, build_sam_parts
+
+
+@dataclass
+class PromptSAMOutput:
+    """Everything one forward pass produces.
+
+    Attributes:
+        mask_logits: B x 1 x S x S mask logits at SAM's input size.
+        iou_pred: B x 1 predicted mask quality (mean over the box prompts of an image).
+        saliency: B x 1 x S x S raw M2IB saliency in [0, 1].
+        refined_saliency: B x 1 x S x S CRF-refined saliency in [0, 1].
+        boxes: B x K x 4 box prompts (x0, y0, x1, y1) in input pixels; K = 0 when none were used.
+        box_valid: B x K bool.
+        image_embedding: B x E clean CLIP image embedding.
+        text_embedding: B x E CLIP text embedding.
+        kl: B x T x D bottleneck KL per element.
+        ib_cos: B cosine between bottlenecked image embedding and text embedding.
+    """
+
+    mask_logits: torch.Tensor
+    iou_pred: torch.Tensor
+    saliency: torch.Tensor
+    refined_saliency: torch.Tensor
+    boxes: torch.Tensor
+    box_valid: torch.Tensor
+    image_embedding: torch.Tensor
+    text_embedding: torch.Tensor
+    kl: torch.Tensor
+    ib_cos: torch.Tensor
+
+
+class PromptSAM(nn.Module):
+    """Text-prompted SAM; parts are passed in (see :func:`build_model`)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sam: SamParts,
+        clip_vision: ClipVision,
+        clip_text: ClipText,
+        tokenizer,
+        bottleneck: M2IB,
+        crf: DenseCRF,
+        prompts: PromptProjections,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sam = sam
+        self.clip_vision = clip_vision
+        self.clip_text = clip_text
+        self.tokenizer = tokenizer
+        self.bottleneck = bottleneck
+        self.crf = crf
+        self.prompts = prompts
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.sam.image_size
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> B x E text embeddings (with the learnable context)."""
+        ids, mask = self.tokenizer(list(texts))
+        device = next(self.clip_text.parameters()).device
+        return self.clip_text(ids.to(device), mask.to(device))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        texts: Sequence[str],
+        boxes: torch.Tensor | None = None,
+        box_valid: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> PromptSAMOutput:
+        """Run the pipeline.
+
+        Args:
+            images: B x 3 x S x S in [0, 1], S = ``cfg.sam.image_size``.
+            texts: B prompts.
+            boxes: Optional user boxes B x K x 4 (x0, y0, x1, y1, input pixels) replacing the
+                saliency-derived boxes.
+            box_valid: B x K bool for user boxes (default all valid).
+            points: Optional user clicks (coords B x P x 2 in input pixels, labels B x P with
+                1 = foreground, 0 = background). With points and no boxes, no box prompt is used.
+
+        Returns:
+            :class:`PromptSAMOutput`.
+        """
+        b, _, h, w = images.shape
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {h}x{w}")
+        if len(texts) != b:
+            raise ValueError(f"got {len(texts)} texts for {b} images")
+        cfg = self.cfg
+        text_emb = self.encode_text(texts)
+
+        # CLIP vision with the bottleneck after block L; clean and bottlenecked branches batched.
+        layer = cfg.bottleneck.layer
+        tokens = self.clip_vision.forward_to(self.clip_vision.preprocess(images), layer)
+        bottle = self.bottleneck(tokens, text_emb)
+        embeds, out_tokens = self.clip_vision.forward_from(torch.cat([tokens, bottle.z]), layer)
+        image_emb, bottled_emb = embeds[:b], embeds[b:]
+        ib_cos = F.cosine_similarity(bottled_emb.float(), text_emb.float(), dim=-1)
+
+        saliency = saliency_from_kl(bottle.kl, self.clip_vision.grid, (h, w))
+        refined = self.crf(saliency, images)
+
+        # Prompts: boxes (user or saliency), points, text tokens, dense saliency.
+        if boxes is not None:
+            validate_boxes(boxes, self.image_size)
+            boxes = boxes.to(images.device, torch.float32)
+            box_valid = (
+                torch.ones(boxes.shape[:2], dtype=torch.bool, device=images.device)
+                if box_valid is None
+                else box_valid.to(images.device)
+            )
+        elif points is None and cfg.prompts.use_boxes:
+            boxes, box_valid = saliency_to_boxes(refined.detach(), cfg.boxes, self.image_size)
+            boxes, box_valid = boxes.to(images.device), box_valid.to(images.device)
+        else:
+            boxes = images.new_zeros(b, 0, 4)
+            box_valid = torch.zeros(b, 0, dtype=torch.bool, device=images.device)
+        rows = max(boxes.shape[1], 1)
+
+        image_embedding = self.sam.encode(images)
+        grid = tuple(image_embedding.shape[-2:])
+        patch_tokens = out_tokens[:b, 1:] if cfg.prompts.use_patch_features else None
+        dense = self.sam.no_mask_dense(b) + self.prompts.dense(refined, grid, patch_tokens)
+        sparse = self._sparse_prompts(boxes, points, self.prompts.text_tokens(text_emb), rows)
+        dense = dense.repeat_interleave(rows, dim=0)
+        low_res, iou = self.sam.decode(
+            image_embedding, sparse, dense, multimask=cfg.sam.multimask, rows_per_image=rows
+        )
+        if cfg.sam.multimask:  # keep the mask SAM rates best, per prompt row
+            best = iou.argmax(dim=1)
+            low_res = low_res[torch.arange(len(best)), best][:, None]
+            iou = iou.gather(1, best[:, None])
+        low_res, iou = self._merge_rows(low_res, iou, box_valid, b, rows)
+        mask_logits = self.sam.upscale(low_res, (h, w))
+        return PromptSAMOutput(
+            mask_logits=mask_logits,
+            iou_pred=iou,
+            saliency=saliency,
+            refined_saliency=refined,
+            boxes=boxes,
+            box_valid=box_valid,
+            image_embedding=image_emb,
+            text_embedding=text_emb,
+            kl=bottle.kl,
+            ib_cos=ib_cos,
+        )
+
+    def _sparse_prompts(
+        self,
+        boxes: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        text_tokens: torch.Tensor | None,
+        rows: int,
+    ) -> torch.Tensor:
+        """Sparse tokens for B*rows prompt rows: one box per row (+ points, + text tokens)."""
+        b = boxes.shape[0]
+        k = boxes.shape[1]
+        row_boxes = boxes.reshape(b * k, 1, 4) if k else None
+        row_points = None
+        if points is not None:
+            coords, labels = points
+            row_points = (
+                coords.to(boxes.device, torch.float32).repeat_interleave(rows, dim=0),
+                labels.to(boxes.device).repeat_interleave(rows, dim=0),
+            )
+        sparse = self.sam.embed_prompts(row_boxes, row_points, batch_size=b * rows)
+        if text_tokens is not None:
+            sparse = torch.cat([sparse, text_tokens.repeat_interleave(rows, dim=0).to(sparse.dtype)], 1)
+        return sparse
+
+    @staticmethod
+    def _merge_rows(
+        low_res: torch.Tensor, iou: torch.Tensor, valid: torch.Tensor, b: int, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge the masks of several box prompts per image by a max over valid rows.
+
+        Args:
+            low_res: (B*rows) x 1 x h x w logits.
+            iou: (B*rows) x 1.
+            valid: B x K (K = rows, or 0 when no boxes were used).
+        """
+        if rows == 1:
+            return low_res, iou
+        low_res = low_res.reshape(b, rows, *low_res.shape[1:])
+        iou = iou.reshape(b, rows, -1)
+        mask = valid.to(low_res.device)
+        neg = torch.finfo(low_res.dtype).min
+        merged = low_res.masked_fill(~mask[:, :, None, None, None], neg).amax(dim=1)
+        weights = mask.float()[:, :, None]
+        iou = (iou * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return merged, iou
+
+    def compute_losses(
+        self, out: PromptSAMOutput, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted training loss.
+
+        Args:
+            out: Forward output.
+            masks: B x 1 x S x S ground truth in {0, 1}.
+
+        Returns:
+            (scalar loss, dict of each unweighted part and the total as floats).
+        """
+        cfg = self.cfg.loss
+        logits = out.mask_logits.float()
+        parts = {
+            "dice": L.dice_loss(logits, masks),
+            "bce": L.bce_loss(logits, masks),
+            "ib": ib_loss(out.kl.float(), out.ib_cos, self.cfg.bottleneck.beta),
+            "saliency": L.saliency_loss(out.refined_saliency.float(), masks),
+            "iou": L.iou_head_loss(out.iou_pred, logits, masks),
+        }
+        if out.image_embedding.shape[0] > 1:
+            parts["nce"] = L.dhn_nce(
+                out.image_embedding.float(),
+                out.text_embedding.float(),
+                cfg.nce_tau,
+                cfg.nce_beta1,
+                cfg.nce_beta2,
+            )
+        return L.total_loss(parts, cfg)
+
+
+def build_model(cfg: ModelConfig | str) -> PromptSAM:
+    """Build PromptSAM from a config or a preset name.
+
+    Pretrained weights are loaded when ``cfg.sam.checkpoint`` (SAM ``.pth``) or
+    ``cfg.clip.checkpoint`` (local BiomedCLIP open_clip folder) are set, before adapters are
+    injected; everything not meant to train is frozen, so the trainable parameters are exactly the
+    exchanged state.
+    """
+    if isinstance(cfg, str):
+        cfg = get_preset(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        return _build(cfg)
+
+
+def _build(cfg: ModelConfig) -> PromptSAM:
+    sam = build_sam_parts(cfg.sam)
+    vision, text, tokenizer = build_clip(cfg.clip)
+    bottleneck = M2IB(cfg.bottleneck, width=cfg.clip.vision.width, text_dim=cfg.clip.embed_dim)
+    crf = DenseCRF(cfg.crf)
+    prompts = PromptProjections(
+        cfg.prompts, text_dim=cfg.clip.embed_dim, prompt_dim=cfg.sam.prompt_dim, clip_width=cfg.clip.vision.width
+    )
+    return PromptSAM(cfg, sam, vision, text, tokenizer, bottleneck, crf, prompts)
+
+
+def component_parameter_counts(model: PromptSAM) -> dict[str, dict[str, int]]:
+    """Total and trainable parameter counts per top-level component."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, module in model.named_children():
+        params = list(module.parameters())
+        counts[name] = {
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+        }
+    return counts

@@ -6,13 +6,18 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint clean
 
+# torch/torchvision pinned to the builds available offline on the project machines;
+# -qq on the editable install: without setuptools' editable-install banner.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch/torchvision pinned to the builds available offline on the project machines
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test]"
-	touch $(STAMP)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: PYTHON=$(PYTHON) is not Python 3.11+ (flwr 1.42 needs it); run e.g. make PYTHON=python3.11"; exit 1; }
+	@echo "installing promptsam and its dependencies into $(VENV) ..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	@$(BIN)/pip install -qq -e ".[test]"
+	@touch $(STAMP)
+	@echo "installed: the command is $(BIN)/promptsam (or run: source $(BIN)/activate)"
 
 install: $(STAMP)
 

@@ -23,7 +23,8 @@ from shared_model.config import (
     site_experiment_from_dict,
     to_dict,
 )
-from cli import bench as bench_cli, deploy as deploy_cli, server as server_cli, simulation as simulation_cli
+from cli import bench as bench_cli, data as data_cli, deploy as deploy_cli, server as server_cli
+from cli import simulation as simulation_cli
 from cli.evaluate import SPLIT_CHOICES
 
 # Kept in sync with shared_model.training.evaluate.PROMPT_STYLES (not imported here: it pulls in torch).
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
 
+    data_cli.register(sub)
     bench_cli.register(sub, common)
     for module in (simulation_cli, deploy_cli, server_cli):
         module.register(sub)

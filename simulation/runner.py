@@ -5,13 +5,19 @@
 (``--simulation --disable-runtime-dependency-installation``) on a free port with ``FLWR_HOME``
 inside the run folder, points a connection at it, runs ``flwr run <app> <connection> --stream``,
 and always stops the SuperLink (and so its SuperExec children) afterwards.
+
+``<run_dir>/flower.log`` keeps ``flwr run``'s whole output; the console gets one line per log
+record, without Flower's federation-size banner, its actors' shutdown warnings, empty records or
+Ray's accelerator FutureWarning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +29,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 CONNECTION = "promptsam-sim"
+# Ray's "Tip: In future versions of Ray, ..." FutureWarning at ray.init (Ray's current behaviour is kept).
+RAY_TIP_FILTER = "ignore::FutureWarning:ray._private.worker"
+# Left out of the console (flower.log keeps them): Flower's federation-size banner (a warning about
+# Flower's default size, which promptsam always sets, and a hint to resize with a Flower command,
+# where promptsam takes the size from the experiment's ``simulation`` section) and the warning each
+# Ray actor logs when Flower stops it at the end of every run.
+QUIET_LINES = (
+    "default simulated SuperNodes changed from 10 to 2",
+    "To change federation size, use the following command:",
+    "flwr federation simulation-config",
+    "Manually terminating ClientAppActor",
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EMPTY_RECORD = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
 
 
 class SimulationError(RuntimeError):
@@ -100,11 +120,14 @@ def _env(flwr_home: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS", ""), RAY_TIP_FILTER]))
     return env
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no "HTTP Request: GET .../health" per poll
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,14 +156,29 @@ def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
         pass
 
 
+def console_line(line: str, colour: bool) -> str | None:
+    """A line of ``flwr run``'s output as the console shows it, or None to leave it out.
+
+    Leaves out the lines of :data:`QUIET_LINES` and log records with an empty message; strips the
+    colour codes unless ``colour``.
+    """
+    plain = _ANSI.sub("", line)
+    if any(text in plain for text in QUIET_LINES) or _EMPTY_RECORD.fullmatch(plain.strip()):
+        return None
+    return line if colour else plain
+
+
 def _tee(proc: subprocess.Popen, log_file: Path, echo: bool) -> None:
+    """Copy the process's output to ``log_file`` as is and, if ``echo``, to stdout via :func:`console_line`."""
     assert proc.stdout is not None
+    colour = sys.stdout.isatty()
     with open(log_file, "w") as log:
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            if echo:
-                sys.stdout.write(line)
+            shown = console_line(line, colour) if echo else None
+            if shown is not None:
+                sys.stdout.write(shown)
                 sys.stdout.flush()
 
 

@@ -240,18 +240,18 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"{path}: unreadable or corrupt image: {err}") from None
 
 
-def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a binary mask at full resolution.
+def read_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a mask's grey values at full resolution (1-bit, palette and RGB(A) files as grey).
 
     Args:
         path: Mask file.
         expected_size: ``(width, height)`` the mask must have (its image's size), if given.
 
     Returns:
-        bool array, H x W (True = foreground, i.e. any non-zero value).
+        uint8 array, H x W, the stored values.
 
     Raises:
-        DataError: Unreadable file, wrong size, or more than one non-zero value (non-binary).
+        DataError: Unreadable file, wrong size or more than one channel.
     """
     try:
         with Image.open(path) as img:
@@ -267,12 +267,29 @@ def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.nd
         raise DataError(f"{path}: unreadable or corrupt mask: {err}") from None
     if arr.ndim != 2:
         raise DataError(f"{path}: mask must be single-channel, got shape {arr.shape}")
-    values = np.unique(arr)
+    return arr
+
+
+def check_binary(path: Path, values: np.ndarray) -> None:
+    """Raise DataError naming ``path`` unless the sorted distinct ``values`` hold at most one non-zero value."""
     nonzero = values[values != 0]
     if len(nonzero) > 1:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
         raise DataError(f"{path}: mask is not binary: {len(values)} distinct values ({shown}); "
                         "expected 0 and one foreground value (e.g. 0/255)")
+
+
+def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a binary mask at full resolution (:func:`read_mask`, then :func:`check_binary`).
+
+    Returns:
+        bool array, H x W (True = foreground, i.e. any non-zero value).
+
+    Raises:
+        DataError: Unreadable file, wrong size, or more than one non-zero value (non-binary).
+    """
+    arr = read_mask(path, expected_size)
+    check_binary(path, np.unique(arr))
     return arr != 0
 
 

@@ -47,6 +47,7 @@ from torch import nn
 from shared_model.modeling.clip_text import ClipText
 from shared_model.modeling.clip_vision import ClipVision
 from shared_model.config import ClipConfig, ClipTextConfig, ClipVisionConfig, ConfigError
+from shared_model.logging_guard import no_new_root_handlers
 from shared_model.modeling.tokenizer import Tokenizer, tiny_vocab_text
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,14 @@ _BERT_KEYS = {
 
 @contextlib.contextmanager
 def _open_clip_logs_from(level: int) -> Iterator[None]:
-    """Drop open_clip's log records below ``level`` (it logs every step of a build on the root logger)."""
+    """Drop open_clip's log records below ``level`` (it logs every step of a build on the root logger,
+    through ``logging.info`` & co., which also give the root logger a handler: removed on exit)."""
     package = str(Path(open_clip.__file__).parent)
     keep = lambda record: record.levelno >= level or not record.pathname.startswith(package)  # noqa: E731
     logging.getLogger().addFilter(keep)
     try:
-        yield
+        with no_new_root_handlers():
+            yield
     finally:
         logging.getLogger().removeFilter(keep)
 

@@ -15,10 +15,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from shared_model.config import PrivacyConfig
+from shared_model.training.opacus_compat import IAccountant, create_accountant, get_noise_multiplier
 
 AccountantState = dict[str, Any]
 STATE_KEYS = ("mechanism", "noise_multiplier", "sample_rate", "steps")

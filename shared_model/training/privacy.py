@@ -35,8 +35,6 @@ from dataclasses import fields
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
@@ -56,6 +54,7 @@ from shared_model.training.accounting import (  # noqa: F401 - re-exported: the 
 )
 from shared_model.modeling.prompt_sam import PromptSAM, PromptSAMOutput, build_model
 from shared_model.training.loop import GradientStep, LRSchedule, TrainResult, autocast_for, resolve_device, train_model
+from shared_model.training.opacus_compat import DPOptimizer, UniformWithReplacementSampler
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,12 +7,11 @@ reproduce its round-2 global state exactly.
 """
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from sim_helpers import processes_mentioning
 
 from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 from server.checkpoint import load_checkpoint
@@ -30,18 +29,6 @@ SETTINGS = {
 }
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmd and "pytest" not in cmd:
-            found.append(f"{pid}: {cmd}")
-    return found
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "full"
@@ -57,7 +44,7 @@ def test_global_dice_improves_and_report_is_written(full_run, capsys):
     assert list(dice) == ["0", "1", "2", "3"]
     assert dice["3"] > dice["0"] + 0.02, dice
     assert summary["dropped_replies"] == 0
-    assert not _processes_mentioning(str(run_dir)), "the SuperLink or its children outlived the run"
+    assert not processes_mentioning(str(run_dir)), "the SuperLink or its children outlived the run"
 
 
 def test_replies_carry_only_the_exchanged_keys(full_run):

@@ -25,7 +25,7 @@ from shared_model.config import DataConfig, to_dict
 if TYPE_CHECKING:
     import torch
 
-    from shared_model.data.folder import PolypDataset
+    from shared_model.data.dataset import PolypDataset
 
 SPLIT_CHOICES = ("all", "train", "val", "test")
 
@@ -83,7 +83,8 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
             empty split.
     """
     from shared_model.config import ConfigError, check_data, from_dict, load_yaml
-    from shared_model.data.folder import PolypDataset, list_samples
+    from shared_model.data.dataset import PolypDataset
+    from shared_model.data.folder import list_samples
     from shared_model.data.splits import build_splits
 
     record = (payload.get("extra") or {}).get("data")

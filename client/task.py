@@ -139,7 +139,7 @@ def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict
 
 def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> LocalData:
     """Build the hospital's datasets (training set augmented with ``seed`` if configured)."""
-    from shared_model.data.folder import PolypDataset
+    from shared_model.data.dataset import PolypDataset
 
     name, splits = _local_samples(settings, node)
     data, size = settings.data, settings.model.sam.image_size

@@ -296,7 +296,7 @@ class FederatedServer:
 
 
 def _dataset(settings: RunSettings, samples: list, image_size: int | None = None):
-    from shared_model.data.folder import PolypDataset
+    from shared_model.data.dataset import PolypDataset
 
     data = settings.data
     return PolypDataset(samples, image_size or settings.model.sam.image_size, augment=False,

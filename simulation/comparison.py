@@ -35,7 +35,9 @@ import torch
 import yaml
 
 from shared_model.config import ConfigError, from_dict, load_yaml, model_config_from_dict, to_dict
-from simulation.experiment import PROJECT_ROOT, Experiment, apply_overrides, blame_overrides, parse_experiment
+from shared_model.config.experiment import Experiment, apply_overrides, parse_experiment
+from shared_model.config import blame_overrides
+from simulation.experiment import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0):
 
     Only the training split is augmented (if the data config says so).
     """
-    from shared_model.data.folder import PolypDataset
+    from shared_model.data.dataset import PolypDataset
     from shared_model.data.partition import hospital_splits
 
     data = replace(exp.data, centres=list(centres))

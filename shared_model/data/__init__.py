@@ -1,10 +1,10 @@
 """Data: folder datasets of colonoscopy images and masks, splits, augmentation, captions, synthetic data."""
 
 from shared_model.data.captions import attribute_caption, class_prompt, describe_components
+from shared_model.data.dataset import PolypDataset
 from shared_model.data.folder import (
     IMAGE_EXTENSIONS,
     DataError,
-    PolypDataset,
     Sample,
     list_samples,
     load_image,

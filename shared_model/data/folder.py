@@ -9,7 +9,7 @@ Error handling (``on_error``):
 * ``"raise"``: the first problem raises :class:`DataError` whose message names the file or folder.
 * ``"skip"``: the offending item (or centre) is left out, the reason is logged with
   ``logging.warning`` and recorded (``list_samples`` returns the reasons; a dataset keeps them in
-  :attr:`PolypDataset.skipped`). Skips are never silent.
+  :attr:`shared_model.data.dataset.PolypDataset.skipped`). Skips are never silent.
 
 Validation happens in two stages (documented choice):
 
@@ -21,24 +21,19 @@ Validation happens in two stages (documented choice):
    With ``"skip"`` a failing item is recorded and ``__getitem__`` returns the next loadable item
    instead (so the returned ``stem`` can differ from the requested index's). In DataLoader worker
    processes such skips are logged but not added to the main process's ``skipped``;
-   :meth:`PolypDataset.preload` finds them all up front in the main process.
+   :meth:`shared_model.data.dataset.PolypDataset.preload` finds them all up front in the main process.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
-from shared_model.data.captions import attribute_caption, class_prompt
-from shared_model.data.transforms import JointTransform, item_seed, single_thread
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +63,12 @@ class Sample:
         return f"{self.centre}/{self.stem}"
 
 
-def _check_on_error(on_error: str) -> None:
+def check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
-def _problem(message: str, on_error: str, skipped: list[str]) -> None:
+def report_problem(message: str, on_error: str, skipped: list[str]) -> None:
     """Raise ``message`` as a DataError, or record and log it as a skip."""
     if on_error == "raise":
         raise DataError(message)
@@ -88,14 +83,14 @@ def _list_files(folder: Path, on_error: str, skipped: list[str]) -> dict[str, Pa
         if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            _problem(f"{path}: unsupported file type (expected one of {IMAGE_EXTENSIONS})",
+            report_problem(f"{path}: unsupported file type (expected one of {IMAGE_EXTENSIONS})",
                      on_error, skipped)
             continue
         by_stem.setdefault(path.stem, []).append(path)
     files = {}
     for stem, paths in by_stem.items():
         if len(paths) > 1:
-            _problem(f"{folder}: duplicate stem {stem!r}: {[p.name for p in paths]}", on_error, skipped)
+            report_problem(f"{folder}: duplicate stem {stem!r}: {[p.name for p in paths]}", on_error, skipped)
         else:
             files[stem] = paths[0]
     return files
@@ -106,19 +101,19 @@ def _list_centre(root: Path, centre: str, on_error: str, skipped: list[str]) -> 
     image_dir, mask_dir = centre_dir / "images", centre_dir / "masks"
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
-            _problem(f"{folder}: folder not found (centre {centre!r} needs images/ and masks/)", on_error, skipped)
+            report_problem(f"{folder}: folder not found (centre {centre!r} needs images/ and masks/)", on_error, skipped)
             return []
     images = _list_files(image_dir, on_error, skipped)
     masks = _list_files(mask_dir, on_error, skipped)
     if not images:
-        _problem(f"{image_dir}: no images in centre {centre!r}", on_error, skipped)
+        report_problem(f"{image_dir}: no images in centre {centre!r}", on_error, skipped)
         return []
     samples = []
     for stem in sorted(set(images) | set(masks)):
         if stem not in masks:
-            _problem(f"{images[stem]}: image without a mask in {mask_dir}", on_error, skipped)
+            report_problem(f"{images[stem]}: image without a mask in {mask_dir}", on_error, skipped)
         elif stem not in images:
-            _problem(f"{masks[stem]}: mask without an image in {image_dir}", on_error, skipped)
+            report_problem(f"{masks[stem]}: mask without an image in {image_dir}", on_error, skipped)
         else:
             samples.append(Sample(centre, stem, images[stem], masks[stem]))
     return samples
@@ -172,7 +167,7 @@ def resolve_centres(
     if not centres:
         return root, available
     for centre in sorted(set(centres) - set(available)):
-        _problem(f"{root / centre}: no centre {centre!r}; valid centres: {available}", on_error,
+        report_problem(f"{root / centre}: no centre {centre!r}; valid centres: {available}", on_error,
                  [] if skipped is None else skipped)
     return root, sorted(set(centres) & set(available))
 
@@ -197,7 +192,7 @@ def list_samples(
             empty, an image has no mask or vice versa, a stem is duplicated, or a file has an
             unsupported type. The message names the file or folder.
     """
-    _check_on_error(on_error)
+    check_on_error(on_error)
     skipped: list[str] = []
     root, centres = resolve_centres(root, centres, on_error, skipped)
     samples: list[Sample] = []
@@ -297,173 +292,3 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour resize of an H x W bool mask to size x size."""
     img = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(img.resize((size, size), Image.NEAREST)) > 0
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-
-
-class PolypDataset(Dataset):
-    """Image/mask pairs resized to a square, with a text prompt per item.
-
-    Items are dicts: ``image`` float32 3 x S x S in [0, 1]; ``mask`` float32 1 x S x S in {0, 1};
-    ``text`` the caption (``prompt_mode="attributes"``: :func:`attribute_caption` of the
-    (augmented) mask and image, so the location words follow flips; ``"class"``: the class name);
-    ``stem`` and ``centre`` strings.
-
-    Augmentation (``augment=True``) is seeded per item from ``(seed, epoch, index)``: the same
-    index in the same epoch gives the same result in any process or worker. Call
-    :meth:`set_epoch` once per pass over the data to get fresh augmentations.
-
-    With ``cache=True`` the decoded, resized uint8 arrays are kept in memory (4 x S^2 bytes per
-    item: 65 KB at 128 px, 1 MB at 512 px), filled on first access or by :meth:`preload`.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        image_size: int,
-        augment: bool = False,
-        prompt_mode: str = "attributes",
-        class_name: str = "polyp",
-        seed: int = 0,
-        on_error: str = "raise",
-        cache: bool = True,
-        validate: bool = True,
-    ) -> None:
-        _check_on_error(on_error)
-        if prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
-        self.samples = list(samples)
-        self.image_size = int(image_size)
-        self.augment = augment
-        self.prompt_mode = prompt_mode
-        self.class_name = class_name
-        self.class_text = class_prompt(class_name)
-        self.seed = seed
-        self.on_error = on_error
-        self.cache = cache
-        self.epoch = 0
-        self.skipped: list[str] = []
-        self.transform = JointTransform() if augment else None
-        self._images: dict[int, np.ndarray] = {}
-        self._masks: dict[int, np.ndarray] = {}
-        self._captions: dict[int, str] = {}
-        self._bad: set[int] = set()
-        if validate:
-            self.validate()
-        if not self.samples:
-            raise DataError(f"no usable samples (skipped: {self.skipped})")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream (the per-item seed includes ``epoch``)."""
-        self.epoch = int(epoch)
-
-    def validate(self) -> list[str]:
-        """Check every pair (image header, mask decode/size/binary); drop or raise on failures.
-
-        Returns:
-            The reasons of the items skipped by this pass (also appended to :attr:`skipped`).
-        """
-        kept: list[Sample] = []
-        masks: dict[int, np.ndarray] = {}
-        reasons: list[str] = []
-        for sample in self.samples:
-            try:
-                size = read_image_size(sample.image_path)
-                mask = load_mask(sample.mask_path, size)
-            except DataError as err:
-                _problem(str(err), self.on_error, reasons)
-                continue
-            if self.cache:
-                masks[len(kept)] = resize_mask(mask, self.image_size)
-            kept.append(sample)
-        self.samples = kept
-        self._masks, self._images, self._captions, self._bad = masks, {}, {}, set()
-        self.skipped.extend(reasons)
-        return reasons
-
-    def preload(self, num_threads: int = 2) -> None:
-        """Decode every item into the cache now (threads; PIL releases the GIL while decoding).
-
-        Call before creating a DataLoader with workers so that they share the filled cache.
-        """
-        if not self.cache:
-            raise ValueError("preload() needs cache=True")
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            list(pool.map(self._try_load, range(len(self))))
-
-    def _try_load(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """:meth:`_load`, but in skip mode a failure is recorded once and gives None."""
-        try:
-            return self._load(index)
-        except DataError as err:
-            if self.on_error == "raise":
-                raise
-            if index not in self._bad:
-                self._bad.add(index)
-                _problem(str(err), "skip", self.skipped)
-            return None
-
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Resized (uint8 S x S x 3 image, bool S x S mask) of item ``index``."""
-        if index in self._images:
-            return self._images[index], self._masks[index]
-        sample = self.samples[index]
-        mask = self._masks.get(index)
-        if mask is None:
-            mask = resize_mask(load_mask(sample.mask_path, read_image_size(sample.image_path)),
-                               self.image_size)
-        image = load_image(sample.image_path, self.image_size)
-        if self.cache:
-            self._images[index], self._masks[index] = image, mask
-        return image, mask
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
-        for offset in range(n):
-            candidate = (index + offset) % n
-            arrays = None if candidate in self._bad else self._try_load(candidate)
-            if arrays is not None:
-                with single_thread():
-                    return self._item(candidate, *arrays)
-        raise DataError(f"no loadable sample left (skipped: {self.skipped})")
-
-    def _item(self, index: int, image_np: np.ndarray, mask_np: np.ndarray) -> dict:
-        # contiguous: v2 kernels are ~40x slower on the channels-last view.
-        image = torch.from_numpy(image_np).permute(2, 0, 1).contiguous()  # 3 x S x S uint8
-        mask = torch.from_numpy(mask_np)[None].to(torch.uint8)  # 1 x S x S
-        if self.transform is not None:
-            image, mask = self.transform(image, mask, item_seed(self.seed, self.epoch, index))
-        sample = self.samples[index]
-        return {
-            "image": image.float().div_(255.0),
-            "mask": mask.float(),
-            "text": self._text(index, image, mask),
-            "stem": sample.stem,
-            "centre": sample.centre,
-        }
-
-    def _text(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> str:
-        if self.prompt_mode == "class":
-            return self.class_text
-        if self.transform is None and index in self._captions:
-            return self._captions[index]
-        step = -(-self.image_size // CAPTION_MAX_SIZE)  # words use fractions: subsample big items
-        caption = attribute_caption(mask[0, ::step, ::step].numpy() > 0,
-                                    image[:, ::step, ::step].permute(1, 2, 0).numpy(), self.class_name)
-        if self.transform is None and self.cache:
-            self._captions[index] = caption
-        return caption
-
-    def centres(self) -> list[str]:
-        """Sorted distinct centres of the samples."""
-        return sorted({s.centre for s in self.samples})

@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from shared_model.config import DataConfig
-from shared_model.data.folder import DataError, PolypDataset, Sample, list_samples
+from shared_model.data.dataset import PolypDataset
+from shared_model.data.folder import DataError, Sample, list_samples
 
 log = logging.getLogger(__name__)
 

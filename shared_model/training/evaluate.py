@@ -157,7 +157,7 @@ PROMPT_STYLES: dict[str, str | None] = {
 
 def _caption_view(dataset: Dataset) -> Dataset:
     """``dataset`` with each image's attribute caption as its text (a shallow copy if needed)."""
-    from shared_model.data.folder import PolypDataset
+    from shared_model.data.dataset import PolypDataset
 
     if isinstance(dataset, PolypDataset) and dataset.prompt_mode != "attributes":
         view = copy.copy(dataset)  # shares the decoded-image cache, not the caption cache

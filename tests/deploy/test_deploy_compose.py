@@ -138,8 +138,11 @@ def test_render_has_header_and_roundtrips() -> None:
 def test_dockerfile_builds_the_project_without_secrets() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM python:3.11-slim" in text
-    for part in ("shared_model", "client", "server", "simulation", "deploy"):
-        assert f"COPY {part} ./{part}" in text
+    import tomllib
+
+    packages = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for part in (pattern.rstrip("*") for pattern in packages["include"]):  # every package the wheel holds
+        assert f"COPY {part} ./{part}" in text, part
     assert "USER app" in text and "--uid 49999" in text
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert "**/*.key" in ignore and "**/.venv" in ignore

@@ -18,7 +18,8 @@ from server.report import summarize, write_report
 from cli.main import main as promptsam
 from shared_model.config import (DataConfig, FederationConfig, PartitionConfig, PrivacyConfig, TrainConfig,
                                  get_preset, to_run_config)
-from shared_model.data.folder import PolypDataset, list_samples
+from shared_model.data.dataset import PolypDataset
+from shared_model.data.folder import list_samples
 from shared_model.modeling.prompt_sam import build_model
 from simulation.experiment import PROJECT_ROOT
 from simulation.inprocess import run_inprocess

@@ -19,7 +19,8 @@ from shared_model.config import model_config_from_dict
 from shared_model.exchange import state_shapes
 from shared_model.modeling.prompt_sam import build_model
 from simulation.runner import simulate
-from simulation.experiment import PROJECT_ROOT, load_experiment
+from shared_model.config.experiment import load_experiment
+from simulation.experiment import PROJECT_ROOT
 
 DEMO = PROJECT_ROOT / "simulation" / "configs" / "demo.yaml"
 SETTINGS = {

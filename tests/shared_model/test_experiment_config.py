@@ -16,7 +16,8 @@ from shared_model.config import (
     from_run_config,
     to_run_config,
 )
-from simulation.experiment import PROJECT_ROOT, apply_overrides, load_experiment, parse_experiment
+from shared_model.config.experiment import apply_overrides, load_experiment, parse_experiment
+from simulation.experiment import PROJECT_ROOT
 from simulation.runner import write_run_config
 
 CONFIGS = PROJECT_ROOT / "simulation" / "configs"

@@ -8,17 +8,30 @@ import time
 from pathlib import Path
 
 
+def _ancestors() -> set[int]:
+    """This process and its parents (pytest and whatever started it)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
 def processes_mentioning(text: str) -> dict[int, str]:
-    """``{pid: command line}`` of the processes (other than pytest) whose command line contains ``text``."""
-    found = {}
+    """``{pid: command line}`` of the processes, other than this test process and its parents, whose
+    command line contains ``text`` (pytest's temporary folders contain "pytest", so no name filter)."""
+    found, mine = {}, _ancestors()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) in mine:
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if text in cmd and "pytest" not in cmd:
+        if text in cmd:
             found[int(pid)] = cmd
     return found
 

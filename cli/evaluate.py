@@ -10,6 +10,10 @@ Which images (the rule, also in ``promptsam evaluate --help`` and the README):
   given, or the checkpoint does not record its training data (federated and older checkpoints),
   the test split is scored, so that training images are never scored by default.
 
+Which prompt: the class name (``data.class_name``) by default; ``--eval-prompt oracle-caption`` (or
+``eval_prompt: oracle-caption`` in ``--data-config``) gives each image the caption of its own
+ground-truth mask, an optimistic oracle (see :func:`shared_model.data.dataset.evaluation_dataset`).
+
 ``promptsam train`` records its data (root, centres, split settings) and the constant-mask
 baseline (the training split's mean mask, thresholded at the threshold best on the training
 split) in the checkpoint's ``extra``; :func:`baseline_mask` reads it back.

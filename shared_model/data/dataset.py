@@ -47,6 +47,9 @@ class PolypDataset(Dataset):
 
     With ``cache=True`` the decoded, resized uint8 arrays are kept in memory (4 x S^2 bytes per
     item: 65 KB at 128 px, 1 MB at 512 px), filled on first access or by :meth:`preload`.
+
+    Sets that score a model are built by :func:`evaluation_dataset` (class prompt unless the
+    ground-truth oracle is named; its ``eval_prompt`` attribute says which), never directly.
     """
 
     def __init__(

@@ -150,8 +150,9 @@ def test_test_report_baseline_is_fitted_on_the_training_split_per_centre(synthet
     from server.loop import FederatedServer, pooled_splits
     from shared_model.config import (DataConfig, FederationConfig, PartitionConfig, TrainConfig, from_run_config,
                                      to_run_config)
-    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.data.dataset import PolypDataset
     from shared_model.exchange import get_exchanged_state
+    from shared_model.modeling.prompt_sam import build_model
     from shared_model.training import evaluate
 
     data = DataConfig(root=str(synthetic_root), val_fraction=0.25, test_fraction=0.25)
@@ -169,7 +170,7 @@ def test_test_report_baseline_is_fitted_on_the_training_split_per_centre(synthet
     base = report["constant_mask_baseline"]
     assert set(base["by_centre"]) == set(report["best_round_test_by_centre"]) == {"centre_0", "centre_1", "centre_2"}
     assert all(base["by_centre"][c]["n"] == report["best_round_test_by_centre"][c]["n"] for c in base["by_centre"])
-    fit = original(server.test_set.__class__(splits["train"], server.test_set.image_size, prompt_mode="class"))
+    fit = original(PolypDataset(splits["train"], server.test_set.image_size, prompt_mode="class"))
     expected = evaluate.score_constant_mask(fit["mask"], server.test_set)
     assert base["pooled"]["dice"] == pytest.approx(expected.aggregate["dice"])
     assert base["threshold"] == fit["threshold"] and base["fitted_on"] == f"pooled training split ({len(splits['train'])} images)"

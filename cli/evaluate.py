@@ -10,6 +10,10 @@ Which images (the rule, also in ``promptsam evaluate --help`` and the README):
   given, or the checkpoint does not record its training data (federated and older checkpoints),
   the test split is scored, so that training images are never scored by default.
 
+Which prompt: the class name (``data.class_name``) by default; ``--eval-prompt oracle-caption`` (or
+``eval_prompt: oracle-caption`` in ``--data-config``) gives each image the caption of its own
+ground-truth mask, an optimistic oracle (see :func:`shared_model.data.dataset.evaluation_dataset`).
+
 ``promptsam train`` records its data (root, centres, split settings) and the constant-mask
 baseline (the training split's mean mask, thresholded at the threshold best on the training
 split) in the checkpoint's ``extra``; :func:`baseline_mask` reads it back.
@@ -64,7 +68,8 @@ def choose_split(data: DataConfig, data_given: bool, split: str | None,
 
 def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str | None = None,
                       centres: list[str] | None = None, data_config: str | None = None,
-                      split: str | None = None) -> tuple["PolypDataset", str, list[str]]:
+                      split: str | None = None, eval_prompt: str | None = None
+                      ) -> tuple["PolypDataset", str, list[str]]:
     """The images ``promptsam evaluate`` scores, per the module's rule.
 
     Args:
@@ -74,17 +79,20 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
         centres: ``--centres``.
         data_config: ``--data-config`` (a YAML of DataConfig fields).
         split: ``--split`` (one of :data:`SPLIT_CHOICES`) or None for the default rule.
+        eval_prompt: ``--eval-prompt`` (``class`` or ``oracle-caption``); None: the data config's
+            ``eval_prompt`` (``class`` unless a ``--data-config`` says otherwise). The recorded
+            training data's prompt mode never carries over: the default is the class prompt.
 
     Returns:
-        ``(dataset, split scored, [why these images, which images])``.
+        ``(dataset, split scored, [why these images, which images, which prompt])``.
 
     Raises:
         ConfigError, DataError, ValueError: Bad data settings or folders (naming them), or an
             empty split.
     """
     from shared_model.config import ConfigError, check_data, from_dict, load_yaml
-    from shared_model.data.dataset import PolypDataset
-    from shared_model.data.folder import list_samples
+    from shared_model.data.dataset import evaluation_dataset
+    from shared_model.data.folder import describe_eval_prompt, list_samples
     from shared_model.data.splits import build_splits
 
     record = (payload.get("extra") or {}).get("data")
@@ -99,7 +107,8 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
             DataConfig(root=data_arg, centres=list(centres or [])), record)):
         # The training data: its split settings (so "test" is the held-out split); the recorded
         # centres only when no --data names the folder to score.
-        data = from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__})
+        data = from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__
+                                      and k != "eval_prompt"})
         if data_arg:
             data.centres = []
     else:
@@ -109,6 +118,8 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
     if centres:
         data.centres = list(centres)
     data.augment = False
+    if eval_prompt is not None:
+        data.eval_prompt = eval_prompt
     check_data(data, f"{data_config}: data." if data_config else "data.")
     split, why = choose_split(data, bool(data_arg), split, record)
     if split == "all":
@@ -118,9 +129,9 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
         if not samples:
             raise ValueError(f"the {split} split of {data.root} is empty (fractions val {data.val_fraction}, "
                              f"test {data.test_fraction}); --split all scores every image")
-    dataset = PolypDataset(samples, image_size, augment=False, prompt_mode=data.prompt_mode,
-                           class_name=data.class_name, on_error=data.on_error)
-    return dataset, split, [why, describe_images(dataset.samples, data.root, split)]
+    dataset = evaluation_dataset(samples, image_size, data.eval_prompt, data.class_name, data.on_error)
+    return dataset, split, [why, describe_images(dataset.samples, data.root, split),
+                            f"evaluation prompt: {describe_eval_prompt(data.eval_prompt, data.class_name)}"]
 
 
 def baseline_mask(payload: Mapping[str, Any]) -> tuple["torch.Tensor | None", str]:

@@ -26,6 +26,7 @@ from shared_model.config import (
 from cli import bench as bench_cli, data as data_cli, deploy as deploy_cli, server as server_cli
 from cli import simulation as simulation_cli
 from cli.evaluate import SPLIT_CHOICES
+from shared_model.config.site import EVAL_PROMPTS
 
 # Kept in sync with shared_model.training.evaluate.PROMPT_STYLES (not imported here: it pulls in torch).
 PROMPT_STYLE_NAMES = ("class-name", "attribute-caption", "generic", "wrong-organ", "empty")
@@ -51,6 +52,7 @@ def _experiment(args: argparse.Namespace) -> SiteExperiment:
 def cmd_train(args: argparse.Namespace) -> int:
     from shared_model.checkpoint import save_model_checkpoint
     from shared_model.data import build_datasets
+    from shared_model.data.folder import describe_eval_prompt
     from shared_model.training.evaluate import evaluate_model, fit_constant_mask, score_constant_mask
     from cli.evaluate import training_record
     from shared_model.modeling.prompt_sam import build_model
@@ -64,9 +66,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(exp.model)
     result = train_model(model, splits["train"], exp.train, device=args.device)
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.loss:.4f}", flush=True)
-    report = {"train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss}}
+    report = {"train": {"steps": result.steps, "seconds": result.seconds, "loss": result.loss},
+              "eval_prompt": exp.data.eval_prompt}
     extra = {"train": report["train"], "data": training_record(exp.data)}
     ckpt = save_model_checkpoint(out / "model.pt", model, extra=extra)
+    print(f"val/test prompt: {describe_eval_prompt(exp.data.eval_prompt, exp.data.class_name)}", flush=True)
     for split in ("val", "test"):
         if split in splits and len(splits[split]):
             ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size)
@@ -104,10 +108,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     styles_mode = args.prompt_styles or args.styles is not None
     if styles_mode and args.prompt is not None:
         raise ValueError("--prompt and --prompt-styles/--styles exclude each other")
+    if args.eval_prompt is not None and (styles_mode or args.prompt is not None):
+        raise ValueError("--eval-prompt and --prompt or --prompt-styles/--styles exclude each other")
     check_device(args.device)
     model, payload = _load_checked(args)
     dataset, split, lines = evaluation_images(payload, model.image_size, args.data, args.centres,
-                                              args.data_config, args.split)
+                                              args.data_config, args.split, args.eval_prompt)
+    if args.prompt is not None:
+        lines[2] = f'evaluation prompt: --prompt "{args.prompt}" for every image'
+    elif styles_mode:
+        lines[2] = "evaluation prompts: one per style (attribute-caption = the ground-truth oracle)"
     for line in lines:
         print(line, flush=True)
     if styles_mode:
@@ -116,7 +126,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(format_prompt_table(results))
         if args.out:
             Path(args.out).write_text(json.dumps(
-                {"checkpoint": str(args.checkpoint), "split": split, "styles": results}, indent=2))
+                {"checkpoint": str(args.checkpoint), "split": split, "images": lines[1], "styles": results},
+                indent=2))
         return 0
     ev = evaluate_model(
         model, dataset, device=args.device, batch_size=args.batch_size, prompt=args.prompt, progress=True
@@ -129,7 +140,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "split": split, "images": lines[1],
-            "aggregate": ev.aggregate, "by_centre": ev.by_centre(),
+            "eval_prompt": dataset.eval_prompt if args.prompt is None else "--prompt",
+            "prompt": lines[2], "aggregate": ev.aggregate, "by_centre": ev.by_centre(),
             "constant_mask_baseline": {"description": baseline_line,
                                        "aggregate": base.aggregate if base else None,
                                        "by_centre": base.by_centre() if base else None},
@@ -219,7 +231,10 @@ EVALUATE_DESCRIPTION = (
     "checkpoint was not trained on is scored whole; the training data (same root, a common centre), no "
     "--data, or a checkpoint that does not record its training data gets its test split scored. With "
     "--prompt-styles the same images are segmented once per text-prompt style and a Markdown table shows "
-    "the Dice of each (attribute captions are derived from the ground-truth masks, as in training).")
+    "the Dice of each. Prompt: the class name (e.g. \"polyp\") by default, as a new hospital has no mask "
+    "before it segments; --eval-prompt oracle-caption gives each image the caption built from its "
+    "ground-truth mask (as in training): an optimistic oracle, labelled as such in the output. In "
+    "--prompt-styles the attribute-caption style is that oracle.")
 PREDICT_DESCRIPTION = (
     "Segment image files or folders with a trained checkpoint and a text prompt. Writes OUT/masks/<name>.png "
     "(0/255, the image's own size), OUT/masks/<name>.json (boxes, area, components, score, confidence, "
@@ -271,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=list(SPLIT_CHOICES),
                    help="all = every image; train/val/test = that split (default: see above)")
     p.add_argument("--prompt", help="override every image's text prompt")
+    p.add_argument("--eval-prompt", choices=list(EVAL_PROMPTS),
+                   help="class = the class name (default, or the --data-config's eval_prompt); oracle-caption "
+                        "= each image's caption from its ground-truth mask (optimistic: an upper bound)")
     p.add_argument("--prompt-styles", action="store_true",
-                   help="evaluate once per prompt style (class name, attribute captions, generic, wrong "
-                        "organ, empty) and print a Markdown table of the Dice of each")
+                   help="evaluate once per prompt style (class name, attribute captions = the ground-truth "
+                        "oracle, generic, wrong organ, empty) and print a Markdown table of the Dice of each")
     p.add_argument("--styles", nargs="+", choices=list(PROMPT_STYLE_NAMES), metavar="STYLE",
                    help=f"prompt styles to compare (implies --prompt-styles): {', '.join(PROMPT_STYLE_NAMES)}")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8)")

@@ -138,14 +138,16 @@ def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict
 
 
 def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> LocalData:
-    """Build the hospital's datasets (training set augmented with ``seed`` if configured)."""
-    from shared_model.data.dataset import PolypDataset
+    """Build the hospital's datasets (training set augmented with ``seed`` if configured; the
+    validation set, scored in federated evaluation, prompted per ``data.eval_prompt``)."""
+    from shared_model.data.dataset import PolypDataset, evaluation_dataset
 
     name, splits = _local_samples(settings, node)
     data, size = settings.data, settings.model.sam.image_size
-    common = dict(prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
-    train = PolypDataset(splits["train"], size, augment=data.augment, seed=seed, **common)
-    val = PolypDataset(splits["val"], size, augment=False, **common) if splits["val"] else None
+    train = PolypDataset(splits["train"], size, augment=data.augment, seed=seed, prompt_mode=data.prompt_mode,
+                         class_name=data.class_name, on_error=data.on_error)
+    val = (evaluation_dataset(splits["val"], size, data.eval_prompt, data.class_name, data.on_error)
+           if splits["val"] else None)
     return LocalData(name, train, val)
 
 

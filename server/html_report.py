@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from server.report import dice_sources, payload_arithmetic
+from server.report import dice_sources, payload_arithmetic, test_table_rows
+from shared_model.data.folder import describe_eval_prompt
 
 HTML_REPORT_NAME = "report.html"
 OVERLAY_EXAMPLES = 6  # images in the overlay grid (cheap: one batched forward pass)
@@ -159,16 +160,18 @@ def _header(name: str, summary: dict[str, Any]) -> str:
     if summary.get("payload_arithmetic"):
         out += f'<p class="note arith">Payload: {_e(summary["payload_arithmetic"])}.</p>'
 
-    by_centre = summary.get("best_round_test_by_centre") or {}
     if test:
-        def cells(name: str, m: dict[str, Any]) -> list[str]:
-            n = m.get("n")
-            return [_e(name), _num(m.get("dice")), _num(m.get("iou")), _num(m.get("hd95"), 2),
-                    _num(int(n) if isinstance(n, float) and math.isfinite(n) else n)]
+        def cells(name: str, dice: Any, iou: Any, hd95: Any, n: Any, base: Any) -> list[str]:
+            return [_e(name), _num(dice), _num(iou), _num(hd95, 2),
+                    _num(int(n) if isinstance(n, float) and math.isfinite(n) else n), _num(base)]
 
-        body = [cells("pooled", test)] + [cells(c, m) for c, m in sorted(by_centre.items())]
-        out += ("<p>Best round's state on the held-out test split:</p>"
-                + _table(["test set", "Dice", "IoU", "HD95", "images"], body, "test"))
+        body = [cells(*row) for row in test_table_rows(summary)]
+        fitted = (summary.get("constant_mask_baseline") or {}).get("fitted_on")
+        base_note = (f" Constant mask: the mean mask of the {_e(fitted)}, thresholded (fitted on training data "
+                     "only)." if fitted else " Constant mask: not computed for this run.")
+        out += (f"<p>Best round's state on the held-out test split. Evaluation prompt: "
+                f"{_e(describe_eval_prompt(summary.get('eval_prompt')))}.{base_note}</p>"
+                + _table(["test set", "Dice", "IoU", "HD95", "images", "constant-mask Dice"], body, "test"))
     return f'<section id="summary"><h2>Summary</h2>{out}</section>'
 
 

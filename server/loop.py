@@ -30,7 +30,7 @@ from server.html_report import write_reports
 from server.report import AUDIT_NAME, METRICS_NAME, JsonLines
 from server.privacy import check_privacy_strategy, declined, privacy_summary, round_privacy, wrap_central_dp
 from server.strategy import GuardedStrategy, build_inner_strategy
-from shared_model.config import ConfigError, RunSettings
+from shared_model.config import ConfigError, DataConfig, RunSettings
 from shared_model.exchange import check_state, get_exchanged_state, set_exchanged_state, state_shapes
 
 log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
@@ -122,10 +122,28 @@ class FederatedServer:
         result = evaluate_model(self.model, self.test_set, device=fed.device, batch_size=fed.eval_batch_size)
         keys = ("dice", "iou", "hd95", "n")
         return {
+            "eval_prompt": self.settings.data.eval_prompt,
             "best_round_test": {k: float(result.aggregate[k]) for k in keys},
             "best_round_test_by_centre": {
                 centre: {k: float(agg[k]) for k in keys} for centre, agg in result.by_centre().items()
             },
+            "constant_mask_baseline": self.test_baseline(keys),
+        }
+
+    def test_baseline(self, keys: tuple[str, ...] = ("dice", "iou", "hd95", "n")) -> dict[str, Any]:
+        """The constant-mask baseline of the test report: the mean mask of the pooled *training*
+        split (the complement of the test split; never the test masks), thresholded at the
+        threshold best on that training split, scored on the test split overall and per centre."""
+        from shared_model.training.evaluate import fit_constant_mask, score_constant_mask
+
+        train = _dataset(self.settings, pooled_splits(self.settings.data)["train"])
+        fit = fit_constant_mask(train)
+        scored = score_constant_mask(fit["mask"], self.test_set)
+        return {
+            "fitted_on": f"pooled training split ({fit['train_images']} images)",
+            "threshold": float(fit["threshold"]),
+            "pooled": {k: float(scored.aggregate[k]) for k in keys},
+            "by_centre": {c: {k: float(agg[k]) for k in keys} for c, agg in scored.by_centre().items()},
         }
 
     def _save_model(self, name: str, state: "OrderedDict[str, torch.Tensor]", extra: dict[str, Any]) -> None:
@@ -296,11 +314,23 @@ class FederatedServer:
 
 
 def _dataset(settings: RunSettings, samples: list, image_size: int | None = None):
-    from shared_model.data.dataset import PolypDataset
+    """A scored set: not augmented, prompted per ``data.eval_prompt`` (class prompt by default)."""
+    from shared_model.data.dataset import evaluation_dataset
 
     data = settings.data
-    return PolypDataset(samples, image_size or settings.model.sam.image_size, augment=False,
-                        prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
+    return evaluation_dataset(samples, image_size or settings.model.sam.image_size, data.eval_prompt,
+                              data.class_name, data.on_error)
+
+
+def pooled_splits(data: DataConfig) -> dict[str, list]:
+    """The pooled train/val/test samples of a data config (its split file, else its fractions and seed)."""
+    from shared_model.data.folder import list_samples
+    from shared_model.data.splits import load_split_file, split_samples
+
+    samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+    if data.split_file:
+        return load_split_file(data.split_file, samples)
+    return split_samples(samples, data.val_fraction, data.test_fraction, data.split_seed)
 
 
 def evaluation_sets(settings: RunSettings, image_size: int | None = None):
@@ -318,17 +348,12 @@ def evaluation_sets(settings: RunSettings, image_size: int | None = None):
         DataError: When the data cannot be read.
     """
     from shared_model.data.folder import list_samples
-    from shared_model.data.splits import load_split_file, split_samples
 
     choice, data = settings.federation.global_eval, settings.data
     if choice == "none":
         return None, None
     if choice in ("val", "test"):
-        samples, _ = list_samples(data.root, data.centres or None, data.on_error)
-        if data.split_file:
-            splits = load_split_file(data.split_file, samples)
-        else:
-            splits = split_samples(samples, data.val_fraction, data.test_fraction, data.split_seed)
+        splits = pooled_splits(data)
         if not splits[choice]:
             raise ConfigError(f"global-eval: the pooled {choice} split of {data.root} is empty")
         test = _dataset(settings, splits["test"], image_size) if choice == "val" and splits["test"] else None

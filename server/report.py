@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from shared_model.data.folder import describe_eval_prompt
+
 METRICS_NAME = "metrics.jsonl"
 AUDIT_NAME = "messages.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -246,6 +248,39 @@ def _privacy_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+TEST_KEYS = ("eval_prompt", "best_round_test", "best_round_test_by_centre", "constant_mask_baseline")
+
+
+def test_table_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """Rows ``[test set, Dice, IoU, HD95, images, constant-mask Dice]`` of the best round's test
+    report: pooled, then one per centre (the baseline's Dice is None where it was not computed)."""
+    test = summary.get("best_round_test") or {}
+    if not test:
+        return []
+    base = summary.get("constant_mask_baseline") or {}
+    base_by = base.get("by_centre") or {}
+    rows = [["pooled", test, base.get("pooled")]]
+    rows += [[c, m, base_by.get(c)] for c, m in sorted((summary.get("best_round_test_by_centre") or {}).items())]
+    return [[name, m.get("dice"), m.get("iou"), m.get("hd95"), m.get("n"), (b or {}).get("dice")]
+            for name, m, b in rows]
+
+
+def _test_table(summary: dict[str, Any]) -> list[str]:
+    rows = test_table_rows(summary)
+    if not rows:
+        return []
+    base = summary.get("constant_mask_baseline") or {}
+    lines = ["", "## Best round's state on the held-out test split", "",
+             f"Evaluation prompt: {describe_eval_prompt(summary.get('eval_prompt'))}.",
+             f"Constant-mask baseline: the mean mask of the {base.get('fitted_on', '-')}, thresholded at "
+             f"{_fmt(base.get('threshold'), 1)} (fitted on training data only).", "",
+             "| test set | Dice | IoU | HD95 | images | constant-mask Dice |", "|---|---|---|---|---|---|"]
+    for name, dice, iou, hd95, n, base_dice in rows:
+        lines.append(f"| {name} | {_fmt(dice)} | {_fmt(iou)} | {_fmt(hd95, 2)} | "
+                     f"{'-' if n is None else int(n)} | {_fmt(base_dice)} |")
+    return lines
+
+
 def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: int,
                  extra: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> Path:
     """Write ``summary.json``, the plots and ``report.md`` into ``run_dir``; return the report's path.
@@ -267,6 +302,8 @@ def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: in
         f"- Mean round time: {_fmt(summary['mean_round_seconds'], 1)} s; dropped replies: {summary['dropped_replies']}",
     ]
     for key, value in (extra or {}).items():
+        if key in TEST_KEYS:
+            continue
         text = privacy_text(value) if key == "privacy" else (
             _fmt(value) if not isinstance(value, dict) else json.dumps(_clean(value)))
         lines.append(f"- {key}: {text}")
@@ -282,6 +319,7 @@ def write_report(run_dir: str | Path, rows: list[dict[str, Any]], best_round: in
         per += [_fmt(summary["hospital_dice"][h].get(k)) for h in summary["hospital_dice"]]
         lines.append(f"| {k} | {_fmt(g['dice'][k])} | {_fmt(g['iou'][k])} | {_fmt(g['hd95'][k], 2)} | "
                      + " | ".join(per) + " |")
+    lines += _test_table(summary)
     lines += _privacy_table(rows)
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     path = run_dir / REPORT_NAME

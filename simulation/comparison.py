@@ -165,19 +165,23 @@ def plan(cfg: CompareConfig, centres: list[str]) -> list[Job]:
 # -- training ----------------------------------------------------------------------------------
 
 
-def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0):
+def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, augment: bool | None = None):
     """The ``split`` ("train" or "test") of ``centres``, pooled (the run's seeded per-centre split).
 
-    Only the training split is augmented (if the data config says so).
+    The training split is augmented if the data config says so (or ``augment``) and prompted per
+    ``data.prompt_mode``; the test split is a scored set, prompted per ``data.eval_prompt``
+    (:func:`~shared_model.data.dataset.evaluation_dataset`: the class name by default).
     """
-    from shared_model.data.dataset import PolypDataset
+    from shared_model.data.dataset import PolypDataset, evaluation_dataset
     from shared_model.data.partition import hospital_splits
 
     data = replace(exp.data, centres=list(centres))
     samples = [s for site in hospital_splits(data, exp.partition, len(centres)) for s in getattr(site, split)]
-    return PolypDataset(samples, model_config_from_dict(exp.model).sam.image_size,
-                        augment=data.augment and split == "train", seed=seed, prompt_mode=data.prompt_mode,
-                        class_name=data.class_name, on_error=data.on_error)
+    size = model_config_from_dict(exp.model).sam.image_size
+    if split != "train":
+        return evaluation_dataset(samples, size, data.eval_prompt, data.class_name, data.on_error)
+    return PolypDataset(samples, size, augment=data.augment if augment is None else augment, seed=seed,
+                        prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
 
 
 def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
@@ -236,6 +240,21 @@ def evaluate_checkpoint(exp: Experiment, checkpoint: str, centres: list[str]) ->
                           for r in result.per_image]}
 
 
+def constant_baseline(exp: Experiment, train_centres: list[str], test_centres: list[str]) -> dict[str, Any]:
+    """The constant-mask baseline of a job: the mean mask of the job's own training split
+    (``train_centres``, not augmented; never a test mask), thresholded at the threshold best on
+    it, scored per image on ``test_centres``' test splits."""
+    from shared_model.training.evaluate import fit_constant_mask, score_constant_mask
+
+    fit = fit_constant_mask(_dataset(exp, train_centres, "train", augment=False))
+    scored = score_constant_mask(fit["mask"], _dataset(exp, test_centres, "test"))
+    keys = ("dice", "iou", "hd95")
+    return {"baseline_fit": {"train_centres": list(train_centres), "train_images": fit["train_images"],
+                             "threshold": float(fit["threshold"])},
+            "baseline_per_image": [{"centre": r["centre"], "stem": r["stem"], **{k: r[k] for k in keys}}
+                                   for r in scored.per_image]}
+
+
 # -- the experiment ----------------------------------------------------------------------------
 
 
@@ -289,8 +308,20 @@ def run_comparison(config: str | Path, out: str | Path, overrides: Mapping[str, 
     jobs = results.setdefault("jobs", {})
     todo = plan(cfg, centres)
     hospitals = len(centres)
+    baselines: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
+
+    def baseline(train_centres: list[str], test_centres: list[str]) -> dict[str, Any]:
+        key = (tuple(train_centres), tuple(test_centres))
+        if key not in baselines:
+            baselines[key] = constant_baseline(exp, train_centres, test_centres)
+        return baselines[key]
+
     for i, job in enumerate(todo, 1):
+        test_centres = centres if job.setting == "all" else [job.setting.removeprefix("loo-")]
         if job.key in jobs:
+            if "baseline_per_image" not in jobs[job.key]:  # results of an older version
+                jobs[job.key].update(baseline(job.centres, test_centres))
+                results_path.write_text(json.dumps(results, indent=1))
             continue
         echo(f"[{i}/{len(todo)}] {job.key}: training on {', '.join(job.centres)}")
         job_dir = out / "jobs" / job.key.replace("/", "_")
@@ -300,8 +331,8 @@ def run_comparison(config: str | Path, out: str | Path, overrides: Mapping[str, 
         else:
             steps = cfg.total_steps // hospitals if job.method == "local" else cfg.total_steps
             info = train_single_site(exp, job.centres, steps, job.seed, job_dir)
-        test_centres = centres if job.setting == "all" else [job.setting.removeprefix("loo-")]
         info.update(evaluate_checkpoint(exp, info["checkpoint"], test_centres))
+        info.update(baseline(job.centres, test_centres), eval_prompt=exp.data.eval_prompt)
         jobs[job.key] = {"setting": job.setting, "method": job.method, "centres": job.centres,
                          "seed": job.seed, **info}
         results_path.write_text(json.dumps(results, indent=1))

@@ -3,7 +3,9 @@
 Cells are over test images (and seeds, pooled): Dice / IoU / HD95 mean and standard deviation.
 Rows of the main table: each method trained on all centres; ``local (<centre>)`` is the model
 trained at that hospital alone, tested everywhere, and ``local (own centre)`` takes, for each
-centre, that centre's own local model (what a hospital gets without federation).
+centre, that centre's own local model (what a hospital gets without federation). Under each table,
+``constant mask`` rows: the constant-mask baseline of each distinct training set (fitted on that
+set's training split only, see :func:`simulation.comparison.constant_baseline`), per test centre.
 """
 
 from __future__ import annotations
@@ -16,18 +18,28 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from shared_model.config.site import EVAL_PROMPTS
+from shared_model.data.folder import describe_eval_prompt
+
 CSV_FIELDS = ("setting", "method", "trained_on", "test_centre", "n", "dice", "dice_std", "iou", "iou_std",
-              "hd95", "hd95_std", "steps_per_run", "seeds")
+              "hd95", "hd95_std", "baseline_dice", "baseline_dice_std", "baseline_iou", "baseline_iou_std",
+              "baseline_hd95", "baseline_hd95_std", "eval_prompt", "steps_per_run", "seeds")
 POOLED = "pooled"
+BASELINE = "baseline_"  # prefix of the constant-mask baseline's statistics in a row
 
 
-def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {"n": len(rows)}
+def _stats(rows: list[dict[str, Any]], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {} if prefix else {"n": len(rows)}
     for key in ("dice", "iou", "hd95"):
         values = np.asarray([r[key] for r in rows], dtype=np.float64)
-        out[key] = float(values.mean()) if len(values) else math.nan
-        out[f"{key}_std"] = float(values.std()) if len(values) else math.nan
+        out[f"{prefix}{key}"] = float(values.mean()) if len(values) else math.nan
+        out[f"{prefix}{key}_std"] = float(values.std()) if len(values) else math.nan
     return out
+
+
+def _eval_prompts(jobs: Iterable[dict[str, Any]]) -> str:
+    """The evaluation prompt(s) of jobs (``unknown`` for results written before it was recorded)."""
+    return "+".join(sorted({job.get("eval_prompt", "unknown") for job in jobs}))
 
 
 def table_rows(results: dict[str, Any], centres: list[str], methods: Iterable[str]) -> list[dict[str, Any]]:
@@ -40,22 +52,32 @@ def table_rows(results: dict[str, Any], centres: list[str], methods: Iterable[st
         if not picked:
             return
         per_image = [(r, job) for job in picked for r in job["per_image"]]
+        # Each job's own constant-mask baseline (fitted on its training split); absent in old results.
+        with_base = all("baseline_per_image" in job for job in picked)
+        base_rows = [r for job in picked for r in job.get("baseline_per_image", [])]
         common = {"setting": setting, "method": method, "trained_on": trained_on,
+                  "eval_prompt": _eval_prompts(picked),
                   "steps_per_run": sorted({job["steps"] for job in picked}),
                   "seeds": sorted({job["seed"] for job in picked})}
+
+        def base(centre: str | None) -> dict[str, float]:
+            sel = [r for r in base_rows if centre is None or r["centre"] == centre]
+            return _stats(sel, BASELINE) if with_base and sel else {}
+
         for centre in test_centres:
             sel = [r for r, _ in per_image if r["centre"] == centre]
             if sel:
-                rows.append({**common, "test_centre": centre, **_stats(sel)})
+                rows.append({**common, "test_centre": centre, **_stats(sel), **base(centre)})
         if pooled:
-            rows.append({**common, "test_centre": POOLED, **_stats([r for r, _ in per_image])})
+            rows.append({**common, "test_centre": POOLED, **_stats([r for r, _ in per_image]), **base(None)})
 
     for method in methods:
         if method == "local":
             for centre in centres:
                 picked = [j for j in jobs if j["setting"] == "all" and j["method"] == "local" and j["centres"] == [centre]]
                 add("all", f"local ({centre})", centre, picked, centres, True)
-            own = [{**j, "per_image": [r for r in j["per_image"] if r["centre"] == j["centres"][0]]}
+            own = [{**j, **{key: [r for r in j[key] if r["centre"] == j["centres"][0]]
+                            for key in ("per_image", "baseline_per_image") if key in j}}
                    for j in jobs if j["setting"] == "all" and j["method"] == "local"]
             add("all", "local (own centre)", "each centre", own, centres, True)
         else:
@@ -68,10 +90,28 @@ def table_rows(results: dict[str, Any], centres: list[str], methods: Iterable[st
     return rows
 
 
+def _prompt_text(prompts: str) -> str:
+    if prompts in EVAL_PROMPTS:
+        return describe_eval_prompt(prompts)
+    return f"{prompts} (results written before the evaluation prompt was recorded, or mixed prompts)"
+
+
 def _cell(row: dict[str, Any] | None, key: str, digits: int = 3) -> str:
-    if row is None:
+    if row is None or key not in row:
         return "-"
     return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+
+
+def _baseline_rows(rows: list[dict[str, Any]], names: list[str]) -> list[tuple[str, str]]:
+    """``(label, method whose rows hold it)`` of each distinct constant-mask baseline of ``names``
+    (one per training set: all centres, each local centre, ...), in table order."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name in names:
+        row = next((r for r in rows if r["method"] == name and BASELINE + "dice" in r), None)
+        if row is not None and row["trained_on"] not in seen:
+            label = f"constant mask (mean train mask of {row['trained_on']})"
+            seen[row["trained_on"]] = (label, name)
+    return list(seen.values())
 
 
 def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[str], cfg: Any,
@@ -91,6 +131,11 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
         f"hospitals{f', mu {cfg.proximal_mu}' if 'fedprox' in cfg.methods else ''}). Final models (no selection). "
         f"Seeds {cfg.seeds}; cells are mean ± std over test images (and seeds).",
         "",
+        f"Evaluation prompt: {_prompt_text(_eval_prompts(results['jobs'].values()))}. "
+        "Constant-mask rows: the baseline of the models above, the mean mask of each one's own training "
+        "split thresholded at the threshold best on that split (fitted on training data only, never on "
+        "the test masks), scored on the same test images.",
+        "",
     ]
     header = ["method"] + [f"{c} (n={counts.get(c, 0)})" for c in centres] + [f"pooled (n={counts.get(POOLED, 0)})"]
     for key, title, digits in (("dice", "Dice", 3), ("iou", "IoU", 3), ("hd95", "HD95 (pixels, lower is better)", 1)):
@@ -99,6 +144,9 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
         for name in names:
             cells = [_cell(_find(main, name, c), key, digits) for c in centres + [POOLED]]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for label, name in _baseline_rows(main, names):
+            cells = [_cell(_find(main, name, c), BASELINE + key, digits) for c in centres + [POOLED]]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     loo = [r for r in rows if r["setting"] == "leave-one-out"]
     if loo:
@@ -111,12 +159,19 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
             cells = [f"{_cell(r, 'dice')} ({r['iou']:.3f}, {r['hd95']:.1f})" if r else "-" for r in picked]
             means = [r["dice"] for r in picked if r]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(means):.3f} |")
+        first = next(iter(dict.fromkeys(r["method"] for r in loo)))
+        picked = [_find(loo, first, c) for c in centres]
+        means = [r[BASELINE + "dice"] for r in picked if r is not None and BASELINE + "dice" in r]
+        if means:
+            lines.append("| constant mask (mean train mask of the other centres) | "
+                         + " | ".join(_cell(r, BASELINE + "dice") for r in picked) + f" | {np.mean(means):.3f} |")
         lines.append("")
     styles = results.get("prompt_styles")
     if styles:
         lines += [f"## Text prompt styles (model {styles['model']}, pooled test split)", "",
-                  "Captions are built from the ground-truth masks (as in training). Changes are against "
-                  "the captions: of the mean Dice, and the mean absolute change per image.", "",
+                  "attribute-caption is the oracle: each image's caption is built from its ground-truth "
+                  "mask (as in training), so its score is optimistic. Changes are against it: of the mean "
+                  "Dice, and the mean absolute change per image.", "",
                   "| prompt style | prompt | Dice | IoU | HD95 | change of mean Dice | mean abs. change per image |",
                   "|---|---|---|---|---|---|---|"]
         for style, agg in styles["styles"].items():
@@ -195,7 +250,7 @@ def write_outputs(out: Path, results: dict[str, Any], cfg: Any, centres: list[st
     """Write ``table.md``, ``table.csv`` and the plots into ``out``; return their paths."""
     rows = table_rows(results, centres, cfg.methods)
     with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})

@@ -8,6 +8,9 @@ from typing import Any
 from shared_model.config.model import ModelConfig, model_config_from_dict
 from shared_model.config.parse import ConfigError, _raise_first, from_dict
 
+# Prompts of scored sets: the class name (default), or the oracle built from each ground-truth mask.
+EVAL_PROMPTS = ("class", "oracle-caption")
+
 
 @dataclass
 class DataConfig:
@@ -27,6 +30,9 @@ class DataConfig:
     augment: bool = True
     prompt_mode: str = "attributes"  # "attributes" captions or "class" (the class name only)
     class_name: str = "polyp"
+    # Prompt of every scored set (val/test/evaluate): "class" (the class name, default) or
+    # "oracle-caption" (captions of the ground-truth masks: optimistic, an upper bound).
+    eval_prompt: str = "class"
 
 
 @dataclass
@@ -99,7 +105,8 @@ def check_train(cfg: TrainConfig, prefix: str = "train.") -> None:
 
 def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
     """Check the choices and split fractions of a :class:`DataConfig`, naming the field."""
-    choices = [("on_error", ("raise", "skip")), ("prompt_mode", ("attributes", "class"))]
+    choices = [("on_error", ("raise", "skip")), ("prompt_mode", ("attributes", "class")),
+               ("eval_prompt", EVAL_PROMPTS)]
     for name, valid in choices:
         if getattr(cfg, name) not in valid:
             raise ConfigError(f"{prefix}{name}: {getattr(cfg, name)!r} not in {list(valid)}")

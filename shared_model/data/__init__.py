@@ -1,7 +1,7 @@
 """Data: folder datasets of colonoscopy images and masks, splits, augmentation, captions, synthetic data."""
 
 from shared_model.data.captions import attribute_caption, class_prompt, describe_components
-from shared_model.data.dataset import PolypDataset
+from shared_model.data.dataset import PolypDataset, evaluation_dataset
 from shared_model.data.folder import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -33,6 +33,7 @@ __all__ = [
     "centre_style",
     "class_prompt",
     "describe_components",
+    "evaluation_dataset",
     "generate_dataset",
     "item_seed",
     "list_samples",

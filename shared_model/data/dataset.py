@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from shared_model.config.site import EVAL_PROMPTS
 from shared_model.data.captions import attribute_caption, class_prompt
 from shared_model.data.folder import (
     CAPTION_MAX_SIZE,
@@ -46,6 +47,9 @@ class PolypDataset(Dataset):
 
     With ``cache=True`` the decoded, resized uint8 arrays are kept in memory (4 x S^2 bytes per
     item: 65 KB at 128 px, 1 MB at 512 px), filled on first access or by :meth:`preload`.
+
+    Sets that score a model are built by :func:`evaluation_dataset` (class prompt unless the
+    ground-truth oracle is named; its ``eval_prompt`` attribute says which), never directly.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class PolypDataset(Dataset):
         self.seed = seed
         self.on_error = on_error
         self.cache = cache
+        self.eval_prompt: str | None = None  # set by evaluation_dataset()
         self.epoch = 0
         self.skipped: list[str] = []
         self.transform = JointTransform() if augment else None
@@ -195,3 +200,42 @@ class PolypDataset(Dataset):
     def centres(self) -> list[str]:
         """Sorted distinct centres of the samples."""
         return sorted({s.centre for s in self.samples})
+
+
+def evaluation_dataset(
+    samples: Sequence[Sample],
+    image_size: int,
+    eval_prompt: str = "class",
+    class_name: str = "polyp",
+    on_error: str = "raise",
+    cache: bool = True,
+) -> PolypDataset:
+    """The one rule for every dataset that is scored (evaluation, validation, test): not augmented,
+    and prompted with the class name unless the ground-truth oracle is asked for by name.
+
+    A new hospital has no mask before it segments, so the default prompt is the class prompt
+    (e.g. ``"polyp"``); ``eval_prompt="oracle-caption"`` gives each image the attribute caption of
+    its own ground-truth mask (optimistic: an upper bound, never a deployment figure). Training
+    sets keep their ``prompt_mode``.
+
+    Args:
+        samples: The image/mask pairs to score.
+        image_size: Side S of the square items.
+        eval_prompt: One of :data:`~shared_model.config.site.EVAL_PROMPTS`.
+        class_name: The class noun of the prompt.
+        on_error: ``"raise"`` or ``"skip"`` on unreadable pairs.
+        cache: Keep decoded, resized arrays in memory.
+
+    Returns:
+        A :class:`PolypDataset` whose ``eval_prompt`` attribute names the prompt used.
+
+    Raises:
+        ValueError: ``eval_prompt`` is not one of :data:`~shared_model.config.site.EVAL_PROMPTS`.
+    """
+    if eval_prompt not in EVAL_PROMPTS:
+        raise ValueError(f"eval_prompt must be one of {list(EVAL_PROMPTS)}, got {eval_prompt!r}")
+    mode = "attributes" if eval_prompt == "oracle-caption" else "class"
+    dataset = PolypDataset(samples, image_size, augment=False, prompt_mode=mode, class_name=class_name,
+                           on_error=on_error, cache=cache)
+    dataset.eval_prompt = eval_prompt
+    return dataset

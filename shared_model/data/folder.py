@@ -44,6 +44,15 @@ CAPTION_MAX_SIZE = 256  # captions of larger items are computed on a strided sub
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def describe_eval_prompt(eval_prompt: str | None, class_name: str | None = None) -> str:
+    """The evaluation prompt in words, for every report and table that scores a model."""
+    if eval_prompt == "oracle-caption":
+        return ("oracle-caption (each image's caption is built from its ground-truth mask: optimistic, "
+                "an upper bound a new hospital cannot reach)")
+    noun = f' "{class_name}"' if class_name else ""
+    return f"class (the class name{noun} only; no ground truth in the prompt)"
+
+
 class DataError(ValueError):
     """A data file or folder is missing or invalid; the message names it."""
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from shared_model.config import DataConfig
-from shared_model.data.dataset import PolypDataset
+from shared_model.data.dataset import PolypDataset, evaluation_dataset
 from shared_model.data.folder import DataError, Sample, list_samples
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,9 @@ def build_datasets(
 ) -> dict[str, PolypDataset]:
     """The train/val/test datasets of a data config (train augmented if ``cfg.augment``).
 
+    The training set is prompted per ``cfg.prompt_mode``; val and test are scored sets
+    (:func:`~shared_model.data.dataset.evaluation_dataset`, prompt ``cfg.eval_prompt``).
+
     Args:
         cfg: Data config; ``cfg.centres`` restricts to those centres (e.g. one client's).
         image_size: Side S of the square items.
@@ -167,11 +170,14 @@ def build_datasets(
         if not splits[name]:
             log.warning("data split %r is empty", name)
             continue
-        out[name] = PolypDataset(
-            splits[name], image_size, augment=cfg.augment and name == "train",
-            prompt_mode=cfg.prompt_mode, class_name=cfg.class_name, seed=seed,
-            on_error=cfg.on_error, cache=cache,
-        )
+        if name == "train":
+            out[name] = PolypDataset(
+                splits[name], image_size, augment=cfg.augment, prompt_mode=cfg.prompt_mode,
+                class_name=cfg.class_name, seed=seed, on_error=cfg.on_error, cache=cache,
+            )
+        else:
+            out[name] = evaluation_dataset(splits[name], image_size, cfg.eval_prompt, cfg.class_name,
+                                           cfg.on_error, cache)
     if "train" in out:
         out["train"].skipped[:0] = skipped
     return out

@@ -144,7 +144,8 @@ def constant_mask_baseline(train: Dataset, test: Dataset,
 # Prompt styles: does the text prompt change the segmentation?
 # --------------------------------------------------------------------------------------------
 
-CAPTION_STYLE = "attribute-caption"
+CAPTION_STYLE = "attribute-caption"  # the ground-truth oracle (see evaluate_prompt_styles)
+ORACLE_LABEL = "<oracle: each image's caption from its ground-truth mask>"
 # Style name -> prompt template (``{class_name}`` is filled in), or None for each image's own caption.
 PROMPT_STYLES: dict[str, str | None] = {
     "class-name": "{class_name}",
@@ -187,8 +188,10 @@ def evaluate_prompt_styles(
     (``"a brain tumour in an MRI scan"``) and ``empty`` (``""``).
 
     Note: attribute captions are computed from the ground-truth mask (size, shape, colour and
-    location of each polyp), as in the training recipe, so the ``attribute-caption`` score is
-    optimistic: at deployment nobody knows the mask before segmenting. A PolypDataset in
+    location of each polyp), as in the training recipe, so the ``attribute-caption`` style is an
+    oracle and its score optimistic: at deployment nobody knows the mask before segmenting (the
+    default evaluation prompt is the class name; see
+    :func:`shared_model.data.dataset.evaluation_dataset`). A PolypDataset in
     ``prompt_mode="class"`` is evaluated with captions all the same; any other dataset's own
     ``text`` is used as the caption.
 
@@ -206,7 +209,7 @@ def evaluate_prompt_styles(
 
     Returns:
         Style -> the aggregate metrics of :func:`evaluate_model` (``dice``, ``iou``, ``hd95``, ...,
-        ``n``) plus ``prompt`` (the text, or ``"<per-image attribute caption>"``),
+        ``n``) plus ``prompt`` (the text, or :data:`ORACLE_LABEL`),
         ``delta_dice_vs_caption`` (the style's mean Dice minus the caption style's) and
         ``mean_abs_image_delta_vs_caption`` (mean over images of the absolute per-image Dice
         change); both deltas are None when the caption style is not among ``styles``.
@@ -228,7 +231,7 @@ def evaluate_prompt_styles(
         kwargs["desc"] = f"evaluate [{style}]"
         if template is None:
             ev = evaluate_model(model, _caption_view(dataset), **kwargs)
-            runs[style] = ("<per-image attribute caption>", ev)
+            runs[style] = (ORACLE_LABEL, ev)
         else:
             prompt = template.format(class_name=name)
             runs[style] = (prompt, evaluate_model(model, dataset, prompt=prompt, **kwargs))

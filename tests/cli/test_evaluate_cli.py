@@ -110,3 +110,22 @@ def test_checkpoint_without_training_record_scores_the_test_split(synthetic_root
     assert "centre_9: dataset root folder not found" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(synthetic_root), "--centres", "kvasir"]) == 2
     assert "no centre 'kvasir'; valid centres: ['centre_0', 'centre_1', 'centre_2']" in capsys.readouterr().err
+
+
+def test_evaluate_prompts_with_the_class_name_unless_the_oracle_is_named(synthetic_root, tmp_path, capsys,
+                                                                          one_thread):
+    ckpt = save_model_checkpoint(tmp_path / "m.pt", build_model("tiny"))
+    hospital = ["--data", str(synthetic_root / "centre_2"), "--device", "cpu"]
+    out = tmp_path / "class.json"
+    assert main(["evaluate", "--checkpoint", str(ckpt), *hospital, "--out", str(out)]) == 0
+    assert 'evaluation prompt: class (the class name "polyp" only' in capsys.readouterr().out
+    assert json.loads(out.read_text())["eval_prompt"] == "class"
+    assert main(["evaluate", "--checkpoint", str(ckpt), *hospital, "--eval-prompt", "oracle-caption",
+                 "--out", str(out)]) == 0
+    assert "evaluation prompt: oracle-caption (each image's caption is built from its ground-truth mask" in \
+        capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["eval_prompt"] == "oracle-caption" and "optimistic" in saved["prompt"]
+    assert main(["evaluate", "--checkpoint", str(ckpt), *hospital, "--eval-prompt", "oracle-caption",
+                 "--prompt", "polyp"]) == 2
+    assert "--eval-prompt and --prompt" in capsys.readouterr().err

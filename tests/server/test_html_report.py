@@ -105,8 +105,12 @@ def overlays(_synthetic_master):
 
 
 def _write(run_dir: Path, rows: list[dict], overlays, run_config: dict | None = None) -> Path:
-    extra = {"best_dice": 0.5, "best_round_test": {"dice": 0.42, "iou": 0.3, "hd95": 9.5, "n": 10},
-             "best_round_test_by_centre": {"centre_0": {"dice": 0.4, "iou": 0.3, "hd95": 9.0, "n": 5}}}
+    extra = {"best_dice": 0.5, "eval_prompt": "class",
+             "best_round_test": {"dice": 0.42, "iou": 0.3, "hd95": 9.5, "n": 10},
+             "best_round_test_by_centre": {"centre_0": {"dice": 0.4, "iou": 0.3, "hd95": 9.0, "n": 5}},
+             "constant_mask_baseline": {"fitted_on": "pooled training split (30 images)", "threshold": 0.3,
+                                        "pooled": {"dice": 0.21, "iou": 0.1, "hd95": 30.0, "n": 10},
+                                        "by_centre": {"centre_0": {"dice": 0.19, "iou": 0.1, "hd95": 31.0, "n": 5}}}}
     write_report(run_dir, rows, 2, extra)
     return write_html_report(run_dir, rows, summarize(rows, 2, extra),
                              _run_config() if run_config is None else run_config, overlays,
@@ -170,6 +174,8 @@ def test_html_is_self_contained_and_complete(tmp_path, overlays):
     assert all(row[4][0].startswith("Dice ") for row in grid)
     test = page.tables["test"]
     assert [r[0][0] for r in test] == ["pooled", "centre_0"] and test[0][1][0] == "0.4200"
+    assert page.heads["test"][-1] == "constant-mask Dice" and [r[5][0] for r in test] == ["0.2100", "0.1900"]
+    assert "Evaluation prompt: class (the class name only" in text and "pooled training split (30 images)" in text
 
 
 def test_privacy_settings_shown_only_for_what_is_on(tmp_path):

@@ -144,3 +144,34 @@ def test_server_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="global-eval: 'elsewhere' is neither"):
         server(run_dir=str(tmp_path / "run"), global_eval="elsewhere")
     assert server(run_dir=str(tmp_path / "run"), global_eval="none").eval_set is None
+
+
+def test_test_report_baseline_is_fitted_on_the_training_split_per_centre(synthetic_root, tmp_path, monkeypatch):
+    from server.loop import FederatedServer, pooled_splits
+    from shared_model.config import (DataConfig, FederationConfig, PartitionConfig, TrainConfig, from_run_config,
+                                     to_run_config)
+    from shared_model.data.dataset import PolypDataset
+    from shared_model.exchange import get_exchanged_state
+    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.training import evaluate
+
+    data = DataConfig(root=str(synthetic_root), val_fraction=0.25, test_fraction=0.25)
+    rc = to_run_config(FederationConfig(run_dir=str(tmp_path / "run"), global_eval="val"), PartitionConfig(),
+                       {"preset": "tiny"}, TrainConfig(), data)
+    server = FederatedServer(from_run_config(rc), rc)
+    fitted: list[list[str]] = []
+    original = evaluate.fit_constant_mask
+    monkeypatch.setattr(evaluate, "fit_constant_mask",
+                        lambda train, *a: (fitted.append([s.stem for s in train.samples]), original(train, *a))[1])
+    report = server.test_report(get_exchanged_state(build_model("tiny")))
+    splits = pooled_splits(data)
+    assert fitted == [[s.stem for s in splits["train"]]]  # the training split only, never a test image
+    assert not set(fitted[0]) & {s.stem for s in server.test_set.samples}
+    base = report["constant_mask_baseline"]
+    assert set(base["by_centre"]) == set(report["best_round_test_by_centre"]) == {"centre_0", "centre_1", "centre_2"}
+    assert all(base["by_centre"][c]["n"] == report["best_round_test_by_centre"][c]["n"] for c in base["by_centre"])
+    fit = original(PolypDataset(splits["train"], server.test_set.image_size, prompt_mode="class"))
+    expected = evaluate.score_constant_mask(fit["mask"], server.test_set)
+    assert base["pooled"]["dice"] == pytest.approx(expected.aggregate["dice"])
+    assert base["threshold"] == fit["threshold"] and base["fitted_on"] == f"pooled training split ({len(splits['train'])} images)"
+    assert report["eval_prompt"] == "class"

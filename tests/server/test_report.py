@@ -50,6 +50,27 @@ def test_write_report_makes_plots_summary_and_markdown(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["best_dice"] == 0.5
 
 
+def test_report_md_puts_the_constant_mask_baseline_next_to_each_test_row(tmp_path):
+    extra = {"best_dice": 0.5, "eval_prompt": "oracle-caption",
+             "best_round_test": {"dice": 0.42, "iou": 0.3, "hd95": 9.5, "n": 10.0},
+             "best_round_test_by_centre": {"b": {"dice": 0.5, "iou": 0.3, "hd95": 9.0, "n": 4.0},
+                                           "a": {"dice": 0.4, "iou": 0.3, "hd95": 9.0, "n": 6.0}},
+             "constant_mask_baseline": {"fitted_on": "pooled training split (30 images)", "threshold": 0.3,
+                                        "pooled": {"dice": 0.2, "iou": 0.1, "hd95": 30.0, "n": 10.0},
+                                        "by_centre": {"a": {"dice": 0.25, "iou": 0.1, "hd95": 30.0, "n": 6.0},
+                                                      "b": {"dice": 0.125, "iou": 0.1, "hd95": 30.0, "n": 4.0}}}}
+    text = write_report(tmp_path, _rows(), best_round=2, extra=extra).read_text()
+    lines = text.splitlines()
+    head = lines.index("| test set | Dice | IoU | HD95 | images | constant-mask Dice |")
+    assert lines[head + 2:head + 5] == ["| pooled | 0.4200 | 0.3000 | 9.50 | 10 | 0.2000 |",
+                                        "| a | 0.4000 | 0.3000 | 9.00 | 6 | 0.2500 |",
+                                        "| b | 0.5000 | 0.3000 | 9.00 | 4 | 0.1250 |"]
+    assert "Evaluation prompt: oracle-caption (each image's caption is built from its ground-truth mask" in text
+    assert "mean mask of the pooled training split (30 images), thresholded at 0.3" in text
+    assert "- best_round_test" not in text and "- constant_mask_baseline" not in text  # a table, not a JSON line
+    assert json.loads((tmp_path / "summary.json").read_text())["constant_mask_baseline"]["by_centre"]["b"]["dice"] == 0.125
+
+
 def _same_data_rows():
     """_rows() where the hospitals' validation images are the server's evaluation set (as in the demo)."""
     rows = _rows()

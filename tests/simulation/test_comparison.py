@@ -108,6 +108,57 @@ def test_table_rows_pool_images_and_pick_each_centres_own_local_model():
     assert ("leave-one-out", "fedavg", "pooled") not in get
 
 
+def test_constant_mask_baseline_rows_per_centre_from_each_jobs_own_training_split(synthetic_root, monkeypatch):
+    from types import SimpleNamespace
+
+    from shared_model.config import DataConfig, PartitionConfig
+    from shared_model.training import evaluate
+    from simulation.comparison import _dataset, constant_baseline
+    from simulation.comparison_report import markdown
+
+    exp = SimpleNamespace(data=DataConfig(root=str(synthetic_root), val_fraction=0.25, test_fraction=0.25),
+                          partition=PartitionConfig(), model={"preset": "tiny"})
+    fitted: list[set[str]] = []
+    original = evaluate.fit_constant_mask
+    monkeypatch.setattr(evaluate, "fit_constant_mask",
+                        lambda train, *a: (fitted.append({s.stem for s in train.samples}), original(train, *a))[1])
+    base = constant_baseline(exp, ["centre_0"], ["centre_0", "centre_1"])
+    train = {s.stem for s in _dataset(exp, ["centre_0"], "train").samples}
+    tests = {s.stem for s in _dataset(exp, ["centre_0", "centre_1"], "test").samples}
+    assert fitted == [train] and not train & tests  # the job's own training split, never a test mask
+    assert {r["stem"] for r in base["baseline_per_image"]} == tests
+    assert base["baseline_fit"]["train_centres"] == ["centre_0"] and base["baseline_fit"]["train_images"] == len(train)
+
+    def job(setting, method, centres, per_image, baseline):
+        rows = [{"centre": c, "stem": f"{c}{i}", "dice": d, "iou": d / 2, "hd95": 10 * d}
+                for i, (c, d) in enumerate(per_image)]
+        return {"setting": setting, "method": method, "centres": centres, "seed": 0, "steps": 10,
+                "eval_prompt": "class", "per_image": rows,
+                "baseline_per_image": [{**r, "dice": b, "iou": b / 2, "hd95": 10 * b} for r, b in zip(rows, baseline)]}
+
+    results = {"jobs": {
+        "a": job("all", "fedavg", ["x", "y"], [("x", 0.6), ("y", 0.8)], [0.2, 0.4]),
+        "c": job("all", "local", ["x"], [("x", 0.5), ("y", 0.1)], [0.3, 0.05]),
+        "d": job("all", "local", ["y"], [("x", 0.3), ("y", 0.8)], [0.1, 0.35]),
+        "e": job("loo-y", "fedavg", ["x"], [("y", 0.7)], [0.15]),
+    }}
+    rows = table_rows(results, ["x", "y"], ["fedavg", "local"])
+    get = {(r["setting"], r["method"], r["test_centre"]): r for r in rows}
+    assert get[("all", "fedavg", "x")]["baseline_dice"] == pytest.approx(0.2)
+    assert get[("all", "fedavg", "y")]["baseline_dice"] == pytest.approx(0.4)
+    assert get[("all", "fedavg", "pooled")]["baseline_dice"] == pytest.approx(0.3)
+    assert get[("all", "local (x)", "y")]["baseline_dice"] == pytest.approx(0.05)  # x's own training masks
+    assert get[("all", "local (own centre)", "y")]["baseline_dice"] == pytest.approx(0.35)
+    assert get[("leave-one-out", "fedavg", "y")]["baseline_dice"] == pytest.approx(0.15)
+    cfg = SimpleNamespace(total_steps=20, rounds=2, methods=["fedavg", "local"], seeds=[0], proximal_mu=0.0)
+    lines = markdown(results, rows, ["x", "y"], cfg, 2).splitlines()
+    assert "Evaluation prompt: class (the class name only; no ground truth in the prompt)" in "\n".join(lines)
+    dice = lines[lines.index("## Trained on all centres: Dice") + 2:]
+    assert "| constant mask (mean train mask of all centres) | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.100 |" in dice
+    assert "| constant mask (mean train mask of x) | 0.300 ± 0.000 | 0.050 ± 0.000 | 0.175 ± 0.125 |" in dice
+    assert any(line.startswith("| constant mask (mean train mask of the other centres) | - | 0.150") for line in lines)
+
+
 def test_plan_orders_jobs_and_skips_leave_one_out_when_off():
     jobs = plan(CompareConfig(methods=["local", "fedavg"], leave_one_out_methods=["fedavg"], seeds=[0, 1]),
                 ["a", "b", "c"])

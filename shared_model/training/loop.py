@@ -117,16 +117,6 @@ def autocast_for(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def proximal_term(model: PromptSAM, reference: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx: ``mu / 2 * ||w - w_ref||^2`` over the trainable parameters."""
-    total = None
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            diff = (p - reference[name].to(p.device, p.dtype)).pow(2).sum()
-            total = diff if total is None else total + diff
-    return 0.5 * mu * total
-
-
 @torch.no_grad()
 def add_proximal_gradient(model: PromptSAM, reference: Mapping[str, torch.Tensor], mu: float) -> float:
     """Add FedProx's gradient ``mu (w - w_ref)`` to every trainable parameter's ``.grad``.
@@ -134,11 +124,13 @@ def add_proximal_gradient(model: PromptSAM, reference: Mapping[str, torch.Tensor
     The term needs no data, so it is added after the data gradient has been clipped (and, under
     DP, noised). Returns the term's value ``mu / 2 ||w - w_ref||^2`` for the log.
     """
+    squared = 0.0
     for name, p in model.named_parameters():
         if p.requires_grad:
             diff = p - reference[name].to(p.device, p.dtype)
+            squared += float(diff.pow(2).sum())
             p.grad = mu * diff if p.grad is None else p.grad.add_(diff, alpha=mu)
-    return float(proximal_term(model, reference, mu))
+    return 0.5 * mu * squared
 
 
 class GradientStep:

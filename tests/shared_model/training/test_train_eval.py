@@ -13,7 +13,7 @@ from shared_model.data import build_datasets
 from shared_model.training.evaluate import evaluate_model
 from shared_model.exchange import get_exchanged_state
 from shared_model.modeling.prompt_sam import build_model
-from shared_model.training.loop import LRSchedule, train_model, warmup_cosine
+from shared_model.training.loop import LRSchedule, add_proximal_gradient, train_model, warmup_cosine
 
 import pytest
 
@@ -164,3 +164,15 @@ def test_train_model_follows_the_given_schedule(synthetic_root):
     result = train_model(build_model("tiny"), splits["train"], cfg, schedule=schedule)
     expected = [1e-3 * warmup_cosine(3 + s, 4, 9) for s in range(3)]
     assert [h["lr"] for h in result.history] == pytest.approx(expected)
+
+
+def test_add_proximal_gradient_adds_mu_times_drift_and_returns_the_term():
+    model = torch.nn.Linear(2, 1)
+    reference = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        model.weight.add_(torch.tensor([[1.0, -2.0]]))
+    model.weight.grad = torch.ones_like(model.weight)
+    value = add_proximal_gradient(model, reference, mu=0.5)
+    assert value == pytest.approx(0.5 * 0.5 * 5.0)
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[1.5, 0.0]]))
+    torch.testing.assert_close(model.bias.grad, torch.zeros(1))

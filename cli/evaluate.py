@@ -68,8 +68,8 @@ def choose_split(data: DataConfig, data_given: bool, split: str | None,
 
 def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str | None = None,
                       centres: list[str] | None = None, data_config: str | None = None,
-                      split: str | None = None, eval_prompt: str | None = None
-                      ) -> tuple["PolypDataset", str, list[str]]:
+                      split: str | None = None, eval_prompt: str | None = None,
+                      resize: str = "letterbox") -> tuple["PolypDataset", str, list[str]]:
     """The images ``promptsam evaluate`` scores, per the module's rule.
 
     Args:
@@ -82,6 +82,7 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
         eval_prompt: ``--eval-prompt`` (``class`` or ``oracle-caption``); None: the data config's
             ``eval_prompt`` (``class`` unless a ``--data-config`` says otherwise). The recorded
             training data's prompt mode never carries over: the default is the class prompt.
+        resize: The model's ``sam.input_resize`` (``letterbox`` or ``squash``).
 
     Returns:
         ``(dataset, split scored, [why these images, which images, which prompt])``.
@@ -129,7 +130,8 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
         if not samples:
             raise ValueError(f"the {split} split of {data.root} is empty (fractions val {data.val_fraction}, "
                              f"test {data.test_fraction}); --split all scores every image")
-    dataset = evaluation_dataset(samples, image_size, data.eval_prompt, data.class_name, data.on_error)
+    dataset = evaluation_dataset(samples, image_size, data.eval_prompt, data.class_name, data.on_error,
+                                 resize=resize)
     return dataset, split, [why, describe_images(dataset.samples, data.root, split),
                             f"evaluation prompt: {describe_eval_prompt(data.eval_prompt, data.class_name)}"]
 

@@ -61,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     exp = _experiment(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = build_datasets(exp.data, exp.model.sam.image_size)
+    sam = exp.model.sam
+    splits = build_datasets(exp.data, sam.image_size, resize=sam.input_resize)
     print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
     model = build_model(exp.model)
     result = train_model(model, splits["train"], exp.train, device=args.device)
@@ -73,15 +74,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"val/test prompt: {describe_eval_prompt(exp.data.eval_prompt, exp.data.class_name)}", flush=True)
     for split in ("val", "test"):
         if split in splits and len(splits[split]):
-            ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size)
+            ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size,
+                                resolution="original")
             report[split] = ev.aggregate
             print(f"{split}: " + json.dumps({k: round(v, 4) for k, v in ev.aggregate.items()}), flush=True)
-    train_plain = build_datasets(replace(exp.data, augment=False), exp.model.sam.image_size)["train"]
+    train_plain = build_datasets(replace(exp.data, augment=False), sam.image_size, resize=sam.input_resize)["train"]
     extra["baseline"] = fit_constant_mask(train_plain)  # evaluate's constant-mask baseline
     if "test" in splits and len(splits["test"]):
         report["constant_baseline_test"] = {
             "threshold": extra["baseline"]["threshold"], "train_dice": extra["baseline"]["train_dice"],
-            **score_constant_mask(extra["baseline"]["mask"], splits["test"]).aggregate}
+            **score_constant_mask(extra["baseline"]["mask"], splits["test"], resolution="original").aggregate}
         print(f"constant-mask baseline test dice: {report['constant_baseline_test']['dice']:.4f}", flush=True)
     save_model_checkpoint(ckpt, model, extra={**extra, "metrics": report})
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -113,7 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_device(args.device)
     model, payload = _load_checked(args)
     dataset, split, lines = evaluation_images(payload, model.image_size, args.data, args.centres,
-                                              args.data_config, args.split, args.eval_prompt)
+                                              args.data_config, args.split, args.eval_prompt,
+                                              resize=model.cfg.sam.input_resize)
     if args.prompt is not None:
         lines[2] = f'evaluation prompt: --prompt "{args.prompt}" for every image'
     elif styles_mode:
@@ -122,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(line, flush=True)
     if styles_mode:
         results = evaluate_prompt_styles(model, dataset, styles=args.styles or None, device=args.device,
-                                         batch_size=args.batch_size, progress=True)
+                                         batch_size=args.batch_size, progress=True, resolution=args.resolution)
         print(format_prompt_table(results))
         if args.out:
             Path(args.out).write_text(json.dumps(
@@ -130,17 +133,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 indent=2))
         return 0
     ev = evaluate_model(
-        model, dataset, device=args.device, batch_size=args.batch_size, prompt=args.prompt, progress=True
+        model, dataset, device=args.device, batch_size=args.batch_size, prompt=args.prompt, progress=True,
+        resolution=args.resolution,
     )
     mask, baseline_line = baseline_mask(payload)
-    base = score_constant_mask(mask, dataset) if mask is not None else None
+    base = score_constant_mask(mask, dataset, resolution=args.resolution) if mask is not None else None
+    print("metrics at each mask's own resolution (HD95 in image pixels)" if args.resolution == "original"
+          else f"metrics at the model's input resolution ({model.image_size} px)")
     print(baseline_line)
     print(format_centre_table(ev.by_centre(), ev.aggregate, base.by_centre() if base else None,
                               base.aggregate if base else None))
     if args.out:
         Path(args.out).write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "split": split, "images": lines[1],
-            "eval_prompt": dataset.eval_prompt if args.prompt is None else "--prompt",
+            "eval_prompt": dataset.eval_prompt if args.prompt is None else "--prompt", "resolution": args.resolution,
             "prompt": lines[2], "aggregate": ev.aggregate, "by_centre": ev.by_centre(),
             "constant_mask_baseline": {"description": baseline_line,
                                        "aggregate": base.aggregate if base else None,
@@ -294,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "oracle, generic, wrong organ, empty) and print a Markdown table of the Dice of each")
     p.add_argument("--styles", nargs="+", choices=list(PROMPT_STYLE_NAMES), metavar="STYLE",
                    help=f"prompt styles to compare (implies --prompt-styles): {', '.join(PROMPT_STYLE_NAMES)}")
+    p.add_argument("--resolution", choices=["original", "model"], default="original",
+                   help="original = predictions mapped back to each image's size and scored against the "
+                        "full-size mask (default; HD95 in image pixels); model = at the model's input size")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--out", help="write the metrics as JSON here (per centre and image, or per prompt style)")
     common(p)

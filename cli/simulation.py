@@ -36,9 +36,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    """Entry point of the ``experiment`` subcommand."""
+    """Entry point of the ``experiment`` subcommand: a comparison, or an ablation when the file
+    has an ``ablation:`` section."""
+    from shared_model.config import load_yaml
     from simulation.comparison import load_comparison, run_comparison
 
+    if "ablation" in load_yaml(args.config):
+        from simulation.ablation import load_ablation, run_ablation
+
+        out = args.out
+        if out is None:
+            exp, _, _ = load_ablation(args.config, _parse_set(args.set))
+            out = Path.cwd() / "runs" / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_ablation(args.config, out, _parse_set(args.set))
+        print((Path(out) / "ablation.md").read_text())
+        return 0
     out = args.out
     if out is None:
         exp, _, _ = load_comparison(args.config, _parse_set(args.set))
@@ -61,9 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.set_defaults(func=cmd_simulate)
     e = add_command(subparsers, "experiment",
-                    "centralized vs local-only vs FedAvg vs FedProx (+ leave-one-centre-out), same compute")
+                    "centralized vs local-only vs FedAvg vs FedProx (+ leave-one-centre-out), same compute; "
+                    "or an ablation of the prompt paths")
     e.add_argument("--config", required=True, help="experiment YAML with a compare: section "
-                   "(e.g. simulation/configs/compare_polyp_tiny.yaml)")
+                   "(e.g. simulation/configs/compare_polyp_tiny.yaml) or an ablation: section "
+                   "(simulation/configs/ablation_polyp_tiny.yaml)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a YAML field, e.g. --set compare.total_steps=300 (repeatable)")
     e.add_argument("--out", default=None, help="output folder (default runs/<name>-<time>); an existing "

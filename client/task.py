@@ -143,10 +143,11 @@ def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> Loc
     from shared_model.data.dataset import PolypDataset, evaluation_dataset
 
     name, splits = _local_samples(settings, node)
-    data, size = settings.data, settings.model.sam.image_size
+    data, size, resize = settings.data, settings.model.sam.image_size, settings.model.sam.input_resize
     train = PolypDataset(splits["train"], size, augment=data.augment, seed=seed, prompt_mode=data.prompt_mode,
-                         class_name=data.class_name, on_error=data.on_error)
-    val = (evaluation_dataset(splits["val"], size, data.eval_prompt, data.class_name, data.on_error)
+                         class_name=data.class_name, on_error=data.on_error, resize=resize)
+    val = (evaluation_dataset(splits["val"], size, data.eval_prompt, data.class_name, data.on_error,
+                              resize=resize)
            if splits["val"] else None)
     return LocalData(name, train, val)
 

@@ -114,15 +114,18 @@ class FederatedServer:
         return {k: float(agg[k]) for k in GLOBAL_METRICS}
 
     def test_report(self, state: "OrderedDict[str, torch.Tensor]") -> dict[str, Any]:
-        """Dice/IoU/HD95 of ``state`` on the pooled test split and on each centre's part of it."""
+        """Dice/IoU/HD95 of ``state`` on the pooled test split and on each centre's part of it, at
+        each mask's own resolution (HD95 in image pixels)."""
         from shared_model.training.evaluate import evaluate_model
 
         set_exchanged_state(self.model, state)
         fed = self.settings.federation
-        result = evaluate_model(self.model, self.test_set, device=fed.device, batch_size=fed.eval_batch_size)
+        result = evaluate_model(self.model, self.test_set, device=fed.device, batch_size=fed.eval_batch_size,
+                                resolution="original")
         keys = ("dice", "iou", "hd95", "n")
         return {
             "eval_prompt": self.settings.data.eval_prompt,
+            "test_resolution": "original",
             "best_round_test": {k: float(result.aggregate[k]) for k in keys},
             "best_round_test_by_centre": {
                 centre: {k: float(agg[k]) for k in keys} for centre, agg in result.by_centre().items()
@@ -138,7 +141,7 @@ class FederatedServer:
 
         train = _dataset(self.settings, pooled_splits(self.settings.data)["train"])
         fit = fit_constant_mask(train)
-        scored = score_constant_mask(fit["mask"], self.test_set)
+        scored = score_constant_mask(fit["mask"], self.test_set, resolution="original")
         return {
             "fitted_on": f"pooled training split ({fit['train_images']} images)",
             "threshold": float(fit["threshold"]),
@@ -319,7 +322,7 @@ def _dataset(settings: RunSettings, samples: list, image_size: int | None = None
 
     data = settings.data
     return evaluation_dataset(samples, image_size or settings.model.sam.image_size, data.eval_prompt,
-                              data.class_name, data.on_error)
+                              data.class_name, data.on_error, resize=settings.model.sam.input_resize)
 
 
 def pooled_splits(data: DataConfig) -> dict[str, list]:

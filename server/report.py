@@ -248,7 +248,7 @@ def _privacy_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-TEST_KEYS = ("eval_prompt", "best_round_test", "best_round_test_by_centre", "constant_mask_baseline")
+TEST_KEYS = ("eval_prompt", "test_resolution", "best_round_test", "best_round_test_by_centre", "constant_mask_baseline")
 
 
 def test_table_rows(summary: dict[str, Any]) -> list[list[Any]]:
@@ -273,7 +273,10 @@ def _test_table(summary: dict[str, Any]) -> list[str]:
     lines = ["", "## Best round's state on the held-out test split", "",
              f"Evaluation prompt: {describe_eval_prompt(summary.get('eval_prompt'))}.",
              f"Constant-mask baseline: the mean mask of the {base.get('fitted_on', '-')}, thresholded at "
-             f"{_fmt(base.get('threshold'), 1)} (fitted on training data only).", "",
+             f"{_fmt(base.get('threshold'), 1)} (fitted on training data only).",
+             "Metrics at each mask's own resolution (predictions mapped back to the image's size; HD95 in "
+             "image pixels)." if summary.get("test_resolution") == "original" else
+             "Metrics at the model's input resolution (HD95 in input pixels).", "",
              "| test set | Dice | IoU | HD95 | images | constant-mask Dice |", "|---|---|---|---|---|---|"]
     for name, dice, iou, hd95, n, base_dice in rows:
         lines.append(f"| {name} | {_fmt(dice)} | {_fmt(iou)} | {_fmt(hd95, 2)} | "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from shared_model.data.geometry import Frame
 from shared_model.modeling.prompt_sam import PromptSAM
 from shared_model.training.loop import autocast_for, resolve_device
 
@@ -93,11 +94,13 @@ def check_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def to_tensor(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
-    """H x W x 3 uint8 (or PIL) -> 3 x size x size float in [0, 1]."""
+def to_tensor(image: np.ndarray | Image.Image, frame: Frame) -> torch.Tensor:
+    """H x W x 3 uint8 (or PIL) -> 3 x S x S float in [0, 1], placed per ``frame`` (letterbox or squash)."""
+    h, w = frame.content
     arr = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB"), dtype=np.float32) / 255.0
     t = torch.from_numpy(arr).permute(2, 0, 1)[None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    t = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+    return F.pad(t, (0, frame.size - w, 0, frame.size - h))
 
 
 @torch.no_grad()
@@ -137,52 +140,48 @@ def predict_images(
         raise ValueError(f"got {len(prompts)} prompts for {n} images")
     boxes = list(boxes) if boxes is not None else [None] * n
     points = list(points) if points is not None else [None] * n
-    size = model.image_size
+    size, resize = model.image_size, model.cfg.sam.input_resize
     results: list[Prediction] = []
     plain = [i for i in range(n) if boxes[i] is None and points[i] is None]
     order = [plain[i : i + batch_size] for i in range(0, len(plain), batch_size)]
     order += [[i] for i in range(n) if i not in set(plain)]
     by_index: dict[int, Prediction] = {}
     for group in order:
-        sizes = [np.asarray(images[i]).shape[:2] for i in group]
-        batch = torch.stack([to_tensor(images[i], size) for i in group]).to(device)
+        frames = [Frame(*np.asarray(images[i]).shape[:2], size, resize) for i in group]
+        batch = torch.stack([to_tensor(images[i], f) for i, f in zip(group, frames)]).to(device)
         kwargs = {}
         if boxes[group[0]] is not None:
-            kwargs["boxes"] = _scale_coords(boxes[group[0]], sizes[0], size, device).reshape(1, -1, 4)
+            kwargs["boxes"] = _scale_coords(boxes[group[0]], frames[0], device).reshape(1, -1, 4)
         if points[group[0]] is not None:
             coords, labels = points[group[0]]
             kwargs["points"] = (
-                _scale_coords(coords, sizes[0], size, device).reshape(1, -1, 2),
+                _scale_coords(coords, frames[0], device).reshape(1, -1, 2),
                 torch.as_tensor(labels, device=device).reshape(1, -1),
             )
         with autocast_for(device, True):
             out = model(batch, [prompts[i] for i in group], **kwargs)
         prob = torch.sigmoid(out.mask_logits.float())
         for j, i in enumerate(group):
-            by_index[i] = _to_prediction(out, prob, j, sizes[j], size, threshold)
+            by_index[i] = _to_prediction(out, prob, j, frames[j], threshold)
     results = [by_index[i] for i in range(n)]
     return results
 
 
-def _scale_coords(coords, hw: tuple[int, int], size: int, device) -> torch.Tensor:
-    """Image-pixel x/y coordinates -> model-input pixels (x scaled by size/W, y by size/H)."""
-    t = torch.as_tensor(coords, dtype=torch.float32, device=device).reshape(-1, 2)
-    scale = torch.tensor([size / hw[1], size / hw[0]], device=device)
-    return t * scale
+def _scale_coords(coords, frame: Frame, device) -> torch.Tensor:
+    """Image-pixel x/y coordinates -> model-input pixels (as the image is placed by ``frame``)."""
+    return frame.to_input_xy(torch.as_tensor(coords, dtype=torch.float32, device=device).reshape(-1, 2))
 
 
-def _to_prediction(out, prob: torch.Tensor, j: int, hw: tuple[int, int], size: int, threshold: float) -> Prediction:
+def _to_prediction(out, prob: torch.Tensor, j: int, frame: Frame, threshold: float) -> Prediction:
     def resize(x: torch.Tensor) -> np.ndarray:
-        return F.interpolate(x[j : j + 1].float(), size=hw, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+        return frame.to_image(x[j].cpu())[0].numpy()
 
     p = resize(prob)
     mask = p > threshold
-    sx, sy = hw[1] / size, hw[0] / size
-    boxes = [
-        [float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy]
-        for b, ok in zip(out.boxes[j].tolist(), out.box_valid[j].tolist())
-        if ok
-    ]
+    # Saliency boxes may reach into the letterbox padding: clip them to the image.
+    limit = torch.tensor([frame.width, frame.height] * 2, dtype=torch.float32)
+    boxes = [torch.minimum(frame.to_image_xy(torch.tensor(b, dtype=torch.float32)), limit).tolist()
+             for b, ok in zip(out.boxes[j].tolist(), out.box_valid[j].tolist()) if ok]
     return Prediction(
         mask=mask,
         probability=p.astype(np.float32),

@@ -177,11 +177,13 @@ def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, aug
 
     data = replace(exp.data, centres=list(centres))
     samples = [s for site in hospital_splits(data, exp.partition, len(centres)) for s in getattr(site, split)]
-    size = model_config_from_dict(exp.model).sam.image_size
+    sam = model_config_from_dict(exp.model).sam
     if split != "train":
-        return evaluation_dataset(samples, size, data.eval_prompt, data.class_name, data.on_error)
-    return PolypDataset(samples, size, augment=data.augment if augment is None else augment, seed=seed,
-                        prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error)
+        return evaluation_dataset(samples, sam.image_size, data.eval_prompt, data.class_name, data.on_error,
+                                  resize=sam.input_resize)
+    return PolypDataset(samples, sam.image_size, augment=data.augment if augment is None else augment, seed=seed,
+                        prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error,
+                        resize=sam.input_resize)
 
 
 def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
@@ -226,17 +228,19 @@ def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg
             "global_val_dice_by_round": summary["global"]["dice"]}
 
 
-def evaluate_checkpoint(exp: Experiment, checkpoint: str, centres: list[str]) -> dict[str, Any]:
-    """Per-image metrics of a checkpoint on each of ``centres``' test splits."""
+def evaluate_checkpoint(exp: Experiment, checkpoint: str, centres: list[str],
+                        extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per-image metrics of a checkpoint on each of ``centres``' test splits (masks' own resolution);
+    ``extra_keys`` are kept too where the evaluation gives them (e.g. the box agreement)."""
     from shared_model.checkpoint import load_model_checkpoint
     from shared_model.training.evaluate import evaluate_model
 
     model, _ = load_model_checkpoint(checkpoint)
     test = _dataset(exp, centres, "test")
     result = evaluate_model(model, test, device=exp.federation.device,
-                            batch_size=exp.federation.eval_batch_size)
-    keys = ("dice", "iou", "hd95")
-    return {"per_image": [{"centre": r["centre"], "stem": r["stem"], **{k: r[k] for k in keys}}
+                            batch_size=exp.federation.eval_batch_size, resolution="original")
+    keys = ("dice", "iou", "hd95", *extra_keys)
+    return {"per_image": [{"centre": r["centre"], "stem": r["stem"], **{k: r[k] for k in keys if k in r}}
                           for r in result.per_image]}
 
 
@@ -247,7 +251,7 @@ def constant_baseline(exp: Experiment, train_centres: list[str], test_centres: l
     from shared_model.training.evaluate import fit_constant_mask, score_constant_mask
 
     fit = fit_constant_mask(_dataset(exp, train_centres, "train", augment=False))
-    scored = score_constant_mask(fit["mask"], _dataset(exp, test_centres, "test"))
+    scored = score_constant_mask(fit["mask"], _dataset(exp, test_centres, "test"), resolution="original")
     keys = ("dice", "iou", "hd95")
     return {"baseline_fit": {"train_centres": list(train_centres), "train_images": fit["train_images"],
                              "threshold": float(fit["threshold"])},
@@ -356,7 +360,7 @@ def prompt_style_results(exp: Experiment, jobs: dict[str, Any], cfg: CompareConf
     model, _ = load_model_checkpoint(jobs[key]["checkpoint"])
     test = _dataset(exp, centres, "test")
     styles = evaluate_prompt_styles(model, test, device=exp.federation.device,
-                                    batch_size=exp.federation.eval_batch_size)
+                                    batch_size=exp.federation.eval_batch_size, resolution="original")
     return {"model": key, "styles": styles}
 
 

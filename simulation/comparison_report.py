@@ -138,7 +138,7 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
         "",
     ]
     header = ["method"] + [f"{c} (n={counts.get(c, 0)})" for c in centres] + [f"pooled (n={counts.get(POOLED, 0)})"]
-    for key, title, digits in (("dice", "Dice", 3), ("iou", "IoU", 3), ("hd95", "HD95 (pixels, lower is better)", 1)):
+    for key, title, digits in (("dice", "Dice", 3), ("iou", "IoU", 3), ("hd95", "HD95 (pixels of each image's own size, lower is better)", 1)):
         lines += [f"## Trained on all centres: {title}", "", "| " + " | ".join(header) + " |",
                   "|---" * len(header) + "|"]
         for name in names:

@@ -13,6 +13,9 @@ class SamConfig:
     """SAM image encoder, prompt encoder and mask decoder (segment-anything modules)."""
 
     image_size: int = 1024
+    # How an H x W image becomes the S x S input: "letterbox" (aspect ratio kept, zero padding at
+    # the bottom/right, as segment-anything's ResizeLongestSide + pad) or "squash" (stretched).
+    input_resize: str = "letterbox"
     patch_size: int = 16
     width: int = 768
     depth: int = 12
@@ -146,10 +149,15 @@ class BoxConfig:
 class PromptConfig:
     """Projections from CLIP into SAM's sparse and dense prompt spaces."""
 
-    text_tokens: int = 2
+    text_tokens: int = 2  # text -> this many sparse prompt tokens (0: no text prompt for SAM)
+    dense_saliency: bool = True  # saliency -> SAM's dense prompt (False: SAM's no-mask embedding only)
     dense_hidden: int = 16
     use_patch_features: bool = False
     use_boxes: bool = True
+    # Where box prompts come from: "saliency" (boxes of the refined saliency map) or "ground-truth"
+    # (an oracle for experiments: training and evaluation pass each mask's enclosing box, the upper
+    # bound of a clinician's box; at prediction time the user's --boxes).
+    box_source: str = "saliency"
 
 
 @dataclass

@@ -28,13 +28,19 @@ from shared_model.data.folder import (
     report_problem,
     resize_mask,
 )
+from shared_model.data.geometry import Frame, check_resize
 from shared_model.data.transforms import JointTransform, item_seed, single_thread
 
 log = logging.getLogger(__name__)
 
 
 class PolypDataset(Dataset):
-    """Image/mask pairs resized to a square, with a text prompt per item.
+    """Image/mask pairs placed in the model's square input, with a text prompt per item.
+
+    Each image is placed by its :class:`~shared_model.data.geometry.Frame`: ``resize="letterbox"``
+    (default) keeps the aspect ratio and pads, ``"squash"`` stretches to the square.
+    :meth:`frame` and :meth:`original_mask` give what evaluation needs to score a prediction at
+    the mask's own resolution.
 
     Items are dicts: ``image`` float32 3 x S x S in [0, 1]; ``mask`` float32 1 x S x S in {0, 1};
     ``text`` the caption (``prompt_mode="attributes"``: :func:`attribute_caption` of the
@@ -63,8 +69,10 @@ class PolypDataset(Dataset):
         on_error: str = "raise",
         cache: bool = True,
         validate: bool = True,
+        resize: str = "letterbox",
     ) -> None:
         check_on_error(on_error)
+        self.resize = check_resize(resize)
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
         if image_size < 8:
@@ -86,6 +94,7 @@ class PolypDataset(Dataset):
         self._masks: dict[int, np.ndarray] = {}
         self._captions: dict[int, str] = {}
         self._bad: set[int] = set()
+        self._sizes: dict[int, tuple[int, int]] = {}  # index -> (width, height)
         if validate:
             self.validate()
         if not self.samples:
@@ -106,6 +115,7 @@ class PolypDataset(Dataset):
         """
         kept: list[Sample] = []
         masks: dict[int, np.ndarray] = {}
+        sizes: dict[int, tuple[int, int]] = {}
         reasons: list[str] = []
         for sample in self.samples:
             try:
@@ -115,10 +125,12 @@ class PolypDataset(Dataset):
                 report_problem(str(err), self.on_error, reasons)
                 continue
             if self.cache:
-                masks[len(kept)] = resize_mask(mask, self.image_size)
+                masks[len(kept)] = resize_mask(mask, self.image_size, self.resize)
+            sizes[len(kept)] = size
             kept.append(sample)
         self.samples = kept
         self._masks, self._images, self._captions, self._bad = masks, {}, {}, set()
+        self._sizes = sizes
         self.skipped.extend(reasons)
         return reasons
 
@@ -151,12 +163,26 @@ class PolypDataset(Dataset):
         sample = self.samples[index]
         mask = self._masks.get(index)
         if mask is None:
-            mask = resize_mask(load_mask(sample.mask_path, read_image_size(sample.image_path)),
-                               self.image_size)
-        image = load_image(sample.image_path, self.image_size)
+            mask = self.frame(index).mask(load_mask(sample.mask_path, self._image_size(index)))
+        image = load_image(sample.image_path, self.image_size, self.resize)
         if self.cache:
             self._images[index], self._masks[index] = image, mask
         return image, mask
+
+    def _image_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of item ``index``'s image (header read once)."""
+        if index not in self._sizes:
+            self._sizes[index] = read_image_size(self.samples[index].image_path)
+        return self._sizes[index]
+
+    def frame(self, index: int) -> Frame:
+        """How item ``index``'s image sits in the S x S input."""
+        width, height = self._image_size(index)
+        return Frame(height, width, self.image_size, self.resize)
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """Item ``index``'s mask at its own resolution (H x W bool; decoded on each call)."""
+        return load_mask(self.samples[index].mask_path, self._image_size(index))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         n = len(self)
@@ -171,26 +197,34 @@ class PolypDataset(Dataset):
         raise DataError(f"no loadable sample left (skipped: {self.skipped})")
 
     def _item(self, index: int, image_np: np.ndarray, mask_np: np.ndarray) -> dict:
+        # Augment and caption the image's own part of the input; the padding is added back after,
+        # so flips and rotations never move padding into the picture.
+        h, w = self.frame(index).content
         # contiguous: v2 kernels are ~40x slower on the channels-last view.
-        image = torch.from_numpy(image_np).permute(2, 0, 1).contiguous()  # 3 x S x S uint8
-        mask = torch.from_numpy(mask_np)[None].to(torch.uint8)  # 1 x S x S
+        image = torch.from_numpy(image_np[:h, :w]).permute(2, 0, 1).contiguous()  # 3 x h x w uint8
+        mask = torch.from_numpy(mask_np[:h, :w])[None].to(torch.uint8)  # 1 x h x w
         if self.transform is not None:
             image, mask = self.transform(image, mask, item_seed(self.seed, self.epoch, index))
+        text = self._text(index, image, mask)
+        if (h, w) != (self.image_size, self.image_size):
+            pad = (0, self.image_size - w, 0, self.image_size - h)
+            image, mask = torch.nn.functional.pad(image, pad), torch.nn.functional.pad(mask, pad)
         sample = self.samples[index]
         return {
             "image": image.float().div_(255.0),
             "mask": mask.float(),
-            "text": self._text(index, image, mask),
+            "text": text,
             "stem": sample.stem,
             "centre": sample.centre,
         }
 
     def _text(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> str:
+        """The item's prompt; captions describe the unpadded image (3 x h x w) and mask (1 x h x w)."""
         if self.prompt_mode == "class":
             return self.class_text
         if self.transform is None and index in self._captions:
             return self._captions[index]
-        step = -(-self.image_size // CAPTION_MAX_SIZE)  # words use fractions: subsample big items
+        step = -(-max(mask.shape[-2:]) // CAPTION_MAX_SIZE)  # words use fractions: subsample big items
         caption = attribute_caption(mask[0, ::step, ::step].numpy() > 0,
                                     image[:, ::step, ::step].permute(1, 2, 0).numpy(), self.class_name)
         if self.transform is None and self.cache:
@@ -209,6 +243,7 @@ def evaluation_dataset(
     class_name: str = "polyp",
     on_error: str = "raise",
     cache: bool = True,
+    resize: str = "letterbox",
 ) -> PolypDataset:
     """The one rule for every dataset that is scored (evaluation, validation, test): not augmented,
     and prompted with the class name unless the ground-truth oracle is asked for by name.
@@ -225,6 +260,7 @@ def evaluation_dataset(
         class_name: The class noun of the prompt.
         on_error: ``"raise"`` or ``"skip"`` on unreadable pairs.
         cache: Keep decoded, resized arrays in memory.
+        resize: ``"letterbox"`` or ``"squash"`` (see :class:`~shared_model.data.geometry.Frame`).
 
     Returns:
         A :class:`PolypDataset` whose ``eval_prompt`` attribute names the prompt used.
@@ -236,6 +272,6 @@ def evaluation_dataset(
         raise ValueError(f"eval_prompt must be one of {list(EVAL_PROMPTS)}, got {eval_prompt!r}")
     mode = "attributes" if eval_prompt == "oracle-caption" else "class"
     dataset = PolypDataset(samples, image_size, augment=False, prompt_mode=mode, class_name=class_name,
-                           on_error=on_error, cache=cache)
+                           on_error=on_error, cache=cache, resize=resize)
     dataset.eval_prompt = eval_prompt
     return dataset

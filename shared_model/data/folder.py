@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from shared_model.data.geometry import Frame
+
 
 log = logging.getLogger(__name__)
 
@@ -226,20 +228,22 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: unreadable or corrupt image: {err}") from None
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode an image as RGB resized to ``size x size`` (bilinear, antialiased when shrinking).
+def load_image(path: Path, size: int, resize: str = "letterbox") -> np.ndarray:
+    """Decode an image as RGB placed in a ``size x size`` input (see :class:`~shared_model.data.geometry.Frame`).
 
-    JPEGs are decoded at a reduced DCT scale (``Image.draft``) no smaller than ``size``, which
-    makes large Kvasir frames ~3x cheaper to load.
+    ``resize="letterbox"`` keeps the aspect ratio (longer side -> ``size``, zero padding at the
+    bottom/right); ``"squash"`` scales both sides to ``size``. Bilinear, antialiased when
+    shrinking. JPEGs are decoded at a reduced DCT scale (``Image.draft``) no smaller than
+    ``size``, which makes large Kvasir frames ~3x cheaper to load.
 
     Returns:
         uint8 array, size x size x 3.
     """
     try:
         with Image.open(path) as img:
+            frame = Frame(img.size[1], img.size[0], size, resize)
             img.draft("RGB", (size, size))
-            rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8).copy()
+            return frame.image(img)
     except _DECODE_ERRORS as err:
         raise DataError(f"{path}: unreadable or corrupt image: {err}") from None
 
@@ -297,7 +301,6 @@ def load_mask(path: Path, expected_size: tuple[int, int] | None = None) -> np.nd
     return arr != 0
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of an H x W bool mask to size x size."""
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(img.resize((size, size), Image.NEAREST)) > 0
+def resize_mask(mask: np.ndarray, size: int, resize: str = "letterbox") -> np.ndarray:
+    """An H x W bool mask placed in a ``size x size`` input like its image (:func:`load_image`)."""
+    return Frame(mask.shape[0], mask.shape[1], size, resize).mask(mask)

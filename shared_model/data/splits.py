@@ -147,7 +147,7 @@ def build_splits(cfg: DataConfig) -> tuple[dict[str, list[Sample]], list[str]]:
 
 
 def build_datasets(
-    cfg: DataConfig, image_size: int, seed: int = 0, cache: bool = True
+    cfg: DataConfig, image_size: int, seed: int = 0, cache: bool = True, resize: str = "letterbox"
 ) -> dict[str, PolypDataset]:
     """The train/val/test datasets of a data config (train augmented if ``cfg.augment``).
 
@@ -159,6 +159,7 @@ def build_datasets(
         image_size: Side S of the square items.
         seed: Augmentation seed of the training set.
         cache: Keep decoded, resized arrays in memory.
+        resize: ``"letterbox"`` or ``"squash"`` (the model's ``sam.input_resize``).
 
     Returns:
         ``{"train", "val", "test"}`` -> :class:`PolypDataset`; a split with no samples is omitted.
@@ -173,11 +174,11 @@ def build_datasets(
         if name == "train":
             out[name] = PolypDataset(
                 splits[name], image_size, augment=cfg.augment, prompt_mode=cfg.prompt_mode,
-                class_name=cfg.class_name, seed=seed, on_error=cfg.on_error, cache=cache,
+                class_name=cfg.class_name, seed=seed, on_error=cfg.on_error, cache=cache, resize=resize,
             )
         else:
             out[name] = evaluation_dataset(splits[name], image_size, cfg.eval_prompt, cfg.class_name,
-                                           cfg.on_error, cache)
+                                           cfg.on_error, cache, resize)
     if "train" in out:
         out["train"].skipped[:0] = skipped
     return out

@@ -167,3 +167,66 @@ def validate_boxes(boxes: Tensor | Sequence[Sequence[float]], image_size: int) -
         if problem:
             raise ValueError(f"validate_boxes: box {list(idx)} = {box} is invalid: {problem}")
     return t
+
+
+def mask_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """The box enclosing each mask's foreground, as SAM box prompts (pixel edges, ``x1``/``y1`` exclusive).
+
+    Args:
+        masks: B x 1 x S x S in {0, 1}.
+
+    Returns:
+        ``(boxes B x 1 x 4, valid B x 1)``; an empty mask gives the whole-image box, valid, as
+        :func:`saliency_to_boxes` does for an empty map.
+    """
+    fg = masks[:, 0] > 0.5  # B x S x S
+    b, s = fg.shape[0], fg.shape[-1]
+    rows, cols = fg.any(2), fg.any(1)  # B x S each
+    idx = torch.arange(s, device=masks.device)
+    big = torch.full_like(idx, s)
+    y0 = torch.where(rows, idx, big).amin(1)
+    x0 = torch.where(cols, idx, big).amin(1)
+    y1 = torch.where(rows, idx, -1).amax(1) + 1
+    x1 = torch.where(cols, idx, -1).amax(1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    empty = ~rows.any(1)
+    boxes[empty] = torch.tensor([0.0, 0.0, s, s], device=masks.device)
+    return boxes[:, None], torch.ones(b, 1, dtype=torch.bool, device=masks.device)
+
+
+def box_agreement(boxes: Tensor, valid: Tensor, masks: Tensor) -> list[dict[str, float]]:
+    """How well box prompts find the target, per image.
+
+    Args:
+        boxes: B x K x 4 box prompts (input pixels); valid: B x K.
+        masks: B x 1 x S x S ground truth in {0, 1}.
+
+    Returns:
+        B dicts: ``box_iou`` (IoU of the box enclosing the valid boxes with the mask's enclosing
+        box), ``box_hit`` (1.0 when that IoU >= 0.5) and ``box_coverage`` (fraction of the
+        foreground pixels inside the union of the valid boxes; 1.0 for an empty mask).
+    """
+    truth, _ = mask_boxes(masks)
+    s = masks.shape[-1]
+    ys = torch.arange(s, device=masks.device).view(1, s, 1) + 0.5
+    xs = torch.arange(s, device=masks.device).view(1, 1, s) + 0.5
+    out = []
+    for i in range(boxes.shape[0]):
+        fg = masks[i, 0] > 0.5
+        kept = boxes[i][valid[i]].float()
+        if len(kept) == 0:
+            out.append({"box_iou": 0.0, "box_hit": 0.0, "box_coverage": 0.0 if fg.any() else 1.0})
+            continue
+        x0, y0 = kept[:, 0].min(), kept[:, 1].min()
+        x1, y1 = kept[:, 2].max(), kept[:, 3].max()
+        tx0, ty0, tx1, ty1 = truth[i, 0]
+        iw = (torch.minimum(x1, tx1) - torch.maximum(x0, tx0)).clamp_min(0)
+        ih = (torch.minimum(y1, ty1) - torch.maximum(y0, ty0)).clamp_min(0)
+        inter = iw * ih
+        union = (x1 - x0) * (y1 - y0) + (tx1 - tx0) * (ty1 - ty0) - inter
+        iou = float(inter / union) if union > 0 else 0.0
+        inside = ((xs >= kept[:, 0, None, None]) & (xs < kept[:, 2, None, None])
+                  & (ys >= kept[:, 1, None, None]) & (ys < kept[:, 3, None, None])).any(0)  # S x S
+        coverage = float((inside & fg).sum() / fg.sum()) if fg.any() else 1.0
+        out.append({"box_iou": iou, "box_hit": float(iou >= 0.5), "box_coverage": coverage})
+    return out

@@ -11,6 +11,11 @@ Data flow for a batch of B images (S x S, in [0, 1]) and B texts::
          dense = no_mask + SaliencyToDense(refined) ; batched mask decoder -> mask logits
 
 Losses: Dice + BCE on the mask, DHN-NCE on (v, t), IB = beta * KL - cos(v_z, t), saliency BCE.
+
+Each prompt path is a switch of :class:`~shared_model.config.PromptConfig` (the ablation's rows):
+``text_tokens = 0`` drops the text tokens, ``dense_saliency`` the dense saliency prompt,
+``use_boxes`` the box prompts; with none of them the CLIP branch is not run at all and its
+parameters are frozen (SAMed's recipe: SAM with LoRA and a learned no-prompt embedding).
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from torch import nn
 
 from shared_model.modeling import losses as L
 from shared_model.modeling.bottleneck import M2IB, ib_loss, saliency_from_kl
-from shared_model.modeling.boxes import saliency_to_boxes, validate_boxes
+from shared_model.modeling.boxes import mask_boxes, saliency_to_boxes, validate_boxes
 from shared_model.modeling.clip_text import ClipText
 from shared_model.modeling.biomedclip import build_clip
 from shared_model.modeling.clip_vision import ClipVision
-from shared_model.config import ModelConfig, get_preset
+from shared_model.config import ConfigError, ModelConfig, get_preset
 from shared_model.modeling.crf import DenseCRF
 from shared_model.modeling.prompts import PromptProjections
 from shared_model.modeling.sam import SamParts, build_sam_parts
@@ -45,10 +50,12 @@ class PromptSAMOutput:
         refined_saliency: B x 1 x S x S CRF-refined saliency in [0, 1].
         boxes: B x K x 4 box prompts (x0, y0, x1, y1) in input pixels; K = 0 when none were used.
         box_valid: B x K bool.
-        image_embedding: B x E clean CLIP image embedding.
-        text_embedding: B x E CLIP text embedding.
-        kl: B x T x D bottleneck KL per element.
-        ib_cos: B cosine between bottlenecked image embedding and text embedding.
+        image_embedding: B x E clean CLIP image embedding (None without the saliency branch).
+        text_embedding: B x E CLIP text embedding (None without any text path).
+        kl: B x T x D bottleneck KL per element (None without the saliency branch).
+        ib_cos: B cosine between bottlenecked image embedding and text embedding (or None).
+
+    Without the saliency branch ``saliency`` and ``refined_saliency`` are zeros.
     """
 
     mask_logits: torch.Tensor
@@ -57,10 +64,13 @@ class PromptSAMOutput:
     refined_saliency: torch.Tensor
     boxes: torch.Tensor
     box_valid: torch.Tensor
-    image_embedding: torch.Tensor
-    text_embedding: torch.Tensor
-    kl: torch.Tensor
-    ib_cos: torch.Tensor
+    image_embedding: torch.Tensor | None
+    text_embedding: torch.Tensor | None
+    kl: torch.Tensor | None
+    ib_cos: torch.Tensor | None
+
+
+BOX_SOURCES = ("saliency", "ground-truth")
 
 
 class PromptSAM(nn.Module):
@@ -90,6 +100,35 @@ class PromptSAM(nn.Module):
     @property
     def image_size(self) -> int:
         return self.cfg.sam.image_size
+
+    @property
+    def uses_saliency(self) -> bool:
+        """Whether the M2IB saliency feeds a prompt (dense, or boxes taken from it)."""
+        return self.cfg.prompts.dense_saliency or self.uses_saliency_boxes
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether the text tower runs (text tokens, or the text-conditioned saliency)."""
+        return self.cfg.prompts.text_tokens > 0 or self.uses_saliency
+
+    @property
+    def uses_saliency_boxes(self) -> bool:
+        """Whether SAM's box prompts are taken from the saliency map (when no user box is given)."""
+        return self.cfg.prompts.use_boxes and self.cfg.prompts.box_source == "saliency"
+
+    def oracle_prompts(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keyword arguments of :meth:`forward` that ``prompts.box_source = "ground-truth"`` asks for.
+
+        Args:
+            masks: B x 1 x S x S ground truth.
+
+        Returns:
+            ``{"boxes", "box_valid"}`` (each mask's enclosing box) for the oracle, else ``{}``.
+        """
+        if not (self.cfg.prompts.use_boxes and self.cfg.prompts.box_source == "ground-truth"):
+            return {}
+        boxes, valid = mask_boxes(masks)
+        return {"boxes": boxes, "box_valid": valid}
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> B x E text embeddings (with the learnable context)."""
@@ -125,18 +164,21 @@ class PromptSAM(nn.Module):
         if len(texts) != b:
             raise ValueError(f"got {len(texts)} texts for {b} images")
         cfg = self.cfg
-        text_emb = self.encode_text(texts)
-
-        # CLIP vision with the bottleneck after block L; clean and bottlenecked branches batched.
-        layer = cfg.bottleneck.layer
-        tokens = self.clip_vision.forward_to(self.clip_vision.preprocess(images), layer)
-        bottle = self.bottleneck(tokens, text_emb)
-        embeds, out_tokens = self.clip_vision.forward_from(torch.cat([tokens, bottle.z]), layer)
-        image_emb, bottled_emb = embeds[:b], embeds[b:]
-        ib_cos = F.cosine_similarity(bottled_emb.float(), text_emb.float(), dim=-1)
-
-        saliency = saliency_from_kl(bottle.kl, self.clip_vision.grid, (h, w))
-        refined = self.crf(saliency, images)
+        text_emb = self.encode_text(texts) if self.uses_text else None
+        image_emb = kl = ib_cos = out_tokens = None
+        if self.uses_saliency:
+            # CLIP vision with the bottleneck after block L; clean and bottlenecked branches batched.
+            layer = cfg.bottleneck.layer
+            tokens = self.clip_vision.forward_to(self.clip_vision.preprocess(images), layer)
+            bottle = self.bottleneck(tokens, text_emb)
+            embeds, out_tokens = self.clip_vision.forward_from(torch.cat([tokens, bottle.z]), layer)
+            image_emb, bottled_emb = embeds[:b], embeds[b:]
+            ib_cos = F.cosine_similarity(bottled_emb.float(), text_emb.float(), dim=-1)
+            kl = bottle.kl
+            saliency = saliency_from_kl(kl, self.clip_vision.grid, (h, w))
+            refined = self.crf(saliency, images)
+        else:
+            saliency = refined = images.new_zeros(b, 1, h, w)
 
         # Prompts: boxes (user or saliency), points, text tokens, dense saliency.
         if boxes is not None:
@@ -147,7 +189,7 @@ class PromptSAM(nn.Module):
                 if box_valid is None
                 else box_valid.to(images.device)
             )
-        elif points is None and cfg.prompts.use_boxes:
+        elif points is None and self.uses_saliency_boxes:
             boxes, box_valid = saliency_to_boxes(refined.detach(), cfg.boxes, self.image_size)
             boxes, box_valid = boxes.to(images.device), box_valid.to(images.device)
         else:
@@ -157,9 +199,12 @@ class PromptSAM(nn.Module):
 
         image_embedding = self.sam.encode(images)
         grid = tuple(image_embedding.shape[-2:])
-        patch_tokens = out_tokens[:b, 1:] if cfg.prompts.use_patch_features else None
-        dense = self.sam.no_mask_dense(b) + self.prompts.dense(refined, grid, patch_tokens)
-        sparse = self._sparse_prompts(boxes, points, self.prompts.text_tokens(text_emb), rows)
+        dense = self.sam.no_mask_dense(b)
+        if cfg.prompts.dense_saliency:
+            patch_tokens = out_tokens[:b, 1:] if cfg.prompts.use_patch_features else None
+            dense = dense + self.prompts.dense(refined, grid, patch_tokens)
+        text_tokens = self.prompts.text_tokens(text_emb) if text_emb is not None else None
+        sparse = self._sparse_prompts(boxes, points, text_tokens, rows)
         dense = dense.repeat_interleave(rows, dim=0)
         low_res, iou = self.sam.decode(
             image_embedding, sparse, dense, multimask=cfg.sam.multimask, rows_per_image=rows
@@ -179,7 +224,7 @@ class PromptSAM(nn.Module):
             box_valid=box_valid,
             image_embedding=image_emb,
             text_embedding=text_emb,
-            kl=bottle.kl,
+            kl=kl,
             ib_cos=ib_cos,
         )
 
@@ -245,11 +290,12 @@ class PromptSAM(nn.Module):
         parts = {
             "dice": L.dice_loss(logits, masks),
             "bce": L.bce_loss(logits, masks),
-            "ib": ib_loss(out.kl.float(), out.ib_cos, self.cfg.bottleneck.beta),
-            "saliency": L.saliency_loss(out.refined_saliency.float(), masks),
             "iou": L.iou_head_loss(out.iou_pred, logits, masks),
         }
-        if out.image_embedding.shape[0] > 1:
+        if out.kl is not None:
+            parts["ib"] = ib_loss(out.kl.float(), out.ib_cos, self.cfg.bottleneck.beta)
+            parts["saliency"] = L.saliency_loss(out.refined_saliency.float(), masks)
+        if out.image_embedding is not None and out.image_embedding.shape[0] > 1:
             parts["nce"] = L.dhn_nce(
                 out.image_embedding.float(),
                 out.text_embedding.float(),
@@ -283,7 +329,27 @@ def _build(cfg: ModelConfig) -> PromptSAM:
     prompts = PromptProjections(
         cfg.prompts, text_dim=cfg.clip.embed_dim, prompt_dim=cfg.sam.prompt_dim, clip_width=cfg.clip.vision.width
     )
-    return PromptSAM(cfg, sam, vision, text, tokenizer, bottleneck, crf, prompts)
+    model = PromptSAM(cfg, sam, vision, text, tokenizer, bottleneck, crf, prompts)
+    _freeze_unused(model)
+    return model
+
+
+def _freeze_unused(model: PromptSAM) -> None:
+    """Freeze the parts no prompt path uses, so that the trainable parameters (= the exchanged
+    state) are exactly those that get gradients."""
+    p = model.cfg.prompts
+    if p.box_source not in BOX_SOURCES:
+        raise ConfigError(f"model.prompts.box_source: expected one of {list(BOX_SOURCES)}, got {p.box_source!r}")
+    if not model.uses_text:
+        model.clip_text.requires_grad_(False)
+    if not model.uses_saliency:
+        for part in (model.clip_vision, model.bottleneck, model.crf):
+            part.requires_grad_(False)
+    if not p.dense_saliency:
+        model.prompts.dense.requires_grad_(False)
+    if not p.use_boxes:  # SAM's box-corner embeddings (point_embeddings[2:4]) are never used
+        for corner in model.sam.prompt_encoder.point_embeddings[2:4]:
+            corner.requires_grad_(False)
 
 
 def component_parameter_counts(model: PromptSAM) -> dict[str, dict[str, int]]:

@@ -12,17 +12,26 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from shared_model.training.metrics import aggregate, segmentation_metrics
+from shared_model.training.metrics import aggregate, binary_metrics, segmentation_metrics
+from shared_model.modeling.boxes import box_agreement
 from shared_model.modeling.prompt_sam import PromptSAM
 from shared_model.training.loop import autocast_for, make_loader, resolve_device
 
 
+RESOLUTIONS = ("model", "original")
+
+
 @dataclass
 class EvalResult:
-    """Aggregate metrics (means, ``*_std``, ``n``) and one dict per image (with stem and centre)."""
+    """Aggregate metrics (means, ``*_std``, ``n``) and one dict per image (with stem and centre).
+
+    ``resolution`` says where the metrics were computed: ``"original"`` (each mask's own pixels;
+    HD95 in image pixels) or ``"model"`` (the S x S model input).
+    """
 
     aggregate: dict[str, float]
     per_image: list[dict] = field(default_factory=list)
+    resolution: str = "model"
 
     def by_centre(self) -> dict[str, dict[str, float]]:
         """Aggregate metrics per centre (hospital) of the evaluated images."""
@@ -45,8 +54,17 @@ def evaluate_model(
     progress: bool = False,
     amp: bool = True,
     desc: str = "evaluate",
+    resolution: str = "model",
 ) -> EvalResult:
     """Segment every item of ``dataset`` and score it against its mask.
+
+    Models whose box prompts come from the saliency also get, per image, ``box_iou``,
+    ``box_hit`` and ``box_coverage`` (:func:`~shared_model.modeling.boxes.box_agreement`).
+
+    ``resolution="original"`` maps each predicted probability map back to its image's own size
+    (padding cropped, bilinear resize; :meth:`Frame.to_image`) and scores it against the mask
+    decoded at full resolution: the figures a clinician reads (test reports). ``"model"`` scores
+    the S x S prediction against the resized mask (cheaper; used for validation during training).
 
     Args:
         model: The model (put in eval mode here).
@@ -58,32 +76,58 @@ def evaluate_model(
         progress: Show a progress bar.
         amp: bf16 autocast on CUDA.
         desc: Label of the progress bar.
+        resolution: ``"model"`` or ``"original"`` (needs a dataset with ``frame(i)`` and
+            ``original_mask(i)``, e.g. :class:`~shared_model.data.dataset.PolypDataset`).
 
     Returns:
         :class:`EvalResult`.
     """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    _check_resolution(resolution, dataset)
     device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()
     per_image: list[dict] = []
     scores: list[dict] = []
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
+    start = 0  # index of the batch's first item (the loader keeps the dataset's order)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = batch["image"].to(device)
         texts = list(batch["text"])
         if prompt is not None:
             texts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)[: len(texts)]
+        masks = batch["mask"].to(device)
         with autocast_for(device, amp):
-            out = model(images, texts)
-        pred = torch.sigmoid(out.mask_logits.float()) > threshold
-        rows = segmentation_metrics(pred.cpu(), batch["mask"] > 0.5)
+            out = model(images, texts, **model.oracle_prompts(masks))
+        prob = torch.sigmoid(out.mask_logits.float()).cpu()  # B x 1 x S x S
+        if resolution == "original":
+            rows = [_score_original(dataset, start + j, prob[j], threshold) for j in range(len(texts))]
+        else:
+            rows = segmentation_metrics(prob > threshold, batch["mask"] > 0.5)
+        if model.uses_saliency_boxes:  # does the saliency find the target? (input pixels)
+            rows = [{**row, **agree} for row, agree in
+                    zip(rows, box_agreement(out.boxes.cpu(), out.box_valid.cpu(), batch["mask"]))]
+        start += len(texts)
         scores += rows
         for i, row in enumerate(rows):
             per_image.append({"stem": batch["stem"][i], "centre": batch["centre"][i], **row})
     model.train(was_training)
-    return EvalResult(aggregate=aggregate(scores), per_image=per_image)
+    return EvalResult(aggregate=aggregate(scores), per_image=per_image, resolution=resolution)
+
+
+def _check_resolution(resolution: str, dataset: Dataset) -> None:
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {list(RESOLUTIONS)}, got {resolution!r}")
+    if resolution == "original" and not (hasattr(dataset, "frame") and hasattr(dataset, "original_mask")):
+        raise ValueError(f"resolution='original' needs a dataset with frame() and original_mask() "
+                         f"(e.g. PolypDataset), got {type(dataset).__name__}")
+
+
+def _score_original(dataset: Dataset, index: int, values: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Metrics of one 1 x S x S map (probability, or a 0/1 mask) at the item's own resolution."""
+    pred = dataset.frame(index).to_image(values)[0] > threshold  # H x W
+    return binary_metrics(pred.numpy(), dataset.original_mask(index))
 
 
 BASELINE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -109,10 +153,24 @@ def fit_constant_mask(train: Dataset, thresholds: Sequence[float] = BASELINE_THR
     return {"mask": mean > best_t, "threshold": best_t, "train_dice": best_dice, "train_images": len(train)}
 
 
-def score_constant_mask(mask: torch.Tensor, dataset: Dataset, chunk: int = 32) -> EvalResult:
-    """Score the same mask (1 x S x S bool, resized to the items' size if needed) on every item."""
+def score_constant_mask(mask: torch.Tensor, dataset: Dataset, chunk: int = 32,
+                        resolution: str = "model") -> EvalResult:
+    """Score the same mask (1 x S x S bool, resized to the items' size if needed) on every item.
+
+    With ``resolution="original"`` the mask is placed on each image like a prediction (its
+    padding cropped, resized to the image's own size) and scored against the full-size mask.
+    """
+    _check_resolution(resolution, dataset)
     per_image: list[dict] = []
-    for start in range(0, len(dataset), chunk):
+    if resolution == "original":
+        const = mask.to(torch.bool).float()
+        if const.shape[-1] != dataset.image_size:
+            const = F.interpolate(const[None], size=(dataset.image_size,) * 2, mode="nearest")[0]
+        for index in range(len(dataset)):
+            sample = dataset.samples[index]
+            per_image.append({"stem": sample.stem, "centre": sample.centre,
+                              **_score_original(dataset, index, const, 0.5)})
+    for start in range(0, len(dataset) if resolution == "model" else 0, chunk):
         items = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
         target = torch.stack([item["mask"] for item in items]) > 0.5  # B x 1 x S x S
         const = mask.to(torch.bool)
@@ -122,11 +180,12 @@ def score_constant_mask(mask: torch.Tensor, dataset: Dataset, chunk: int = 32) -
         per_image += [{"stem": item.get("stem", ""), "centre": item.get("centre", ""), **row}
                       for item, row in zip(items, rows)]
     scores = [{k: v for k, v in row.items() if k not in ("stem", "centre")} for row in per_image]
-    return EvalResult(aggregate=aggregate(scores), per_image=per_image)
+    return EvalResult(aggregate=aggregate(scores), per_image=per_image, resolution=resolution)
 
 
 def constant_mask_baseline(train: Dataset, test: Dataset,
-                           thresholds: Sequence[float] = BASELINE_THRESHOLDS) -> dict[str, float]:
+                           thresholds: Sequence[float] = BASELINE_THRESHOLDS,
+                           resolution: str = "model") -> dict[str, float]:
     """The best constant predictor: the mean training mask, thresholded (see :func:`fit_constant_mask`).
 
     The threshold is chosen on the training set (by mean Dice), then the same mask is scored on
@@ -137,7 +196,7 @@ def constant_mask_baseline(train: Dataset, test: Dataset,
     """
     fit = fit_constant_mask(train, thresholds)
     return {"threshold": fit["threshold"], "train_dice": fit["train_dice"],
-            **score_constant_mask(fit["mask"], test).aggregate}
+            **score_constant_mask(fit["mask"], test, resolution=resolution).aggregate}
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +237,7 @@ def evaluate_prompt_styles(
     class_name: str | None = None,
     progress: bool = False,
     amp: bool = True,
+    resolution: str = "model",
 ) -> dict[str, dict[str, float | str | None]]:
     """Evaluate the same model and images once per prompt style (see :data:`PROMPT_STYLES`).
 
@@ -206,6 +266,7 @@ def evaluate_prompt_styles(
             ``"polyp"``).
         progress: Show a progress bar per style.
         amp: bf16 autocast on CUDA.
+        resolution: Where metrics are computed (see :func:`evaluate_model`).
 
     Returns:
         Style -> the aggregate metrics of :func:`evaluate_model` (``dice``, ``iou``, ``hd95``, ...,
@@ -224,7 +285,8 @@ def evaluate_prompt_styles(
     if not styles:
         raise ValueError(f"no prompt styles given; valid styles: {list(PROMPT_STYLES)}")
     name = class_name or getattr(dataset, "class_name", None) or "polyp"
-    kwargs = dict(device=device, batch_size=batch_size, threshold=threshold, progress=progress, amp=amp)
+    kwargs = dict(device=device, batch_size=batch_size, threshold=threshold, progress=progress, amp=amp,
+                  resolution=resolution)
     runs: dict[str, tuple[str, EvalResult]] = {}
     for style in dict.fromkeys(styles):  # unique, in the given order
         template = PROMPT_STYLES[style]

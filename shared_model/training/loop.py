@@ -161,7 +161,7 @@ class GradientStep:
         images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
         with autocast_for(self.device, self.cfg.amp):
-            out = model(images, batch["text"])
+            out = model(images, batch["text"], **model.oracle_prompts(masks))
         loss, parts = model.compute_losses(out, masks)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")

@@ -80,7 +80,8 @@ def check_model_for_dp(model: PromptSAM) -> None:
 
 
 def _slice_output(out: PromptSAMOutput, i: int) -> PromptSAMOutput:
-    return PromptSAMOutput(**{f.name: getattr(out, f.name)[i : i + 1] for f in fields(out)})
+    values = {f.name: getattr(out, f.name) for f in fields(out)}
+    return PromptSAMOutput(**{k: None if v is None else v[i : i + 1] for k, v in values.items()})
 
 
 def per_example_gradients(

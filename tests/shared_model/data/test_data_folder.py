@@ -225,12 +225,31 @@ def test_resize_bilinear_image_and_nearest_mask(tmp_path):
     mask[:, :20] = 255
     _write(tmp_path / "c" / "masks" / "s.png", mask)
     samples, _ = list_samples(tmp_path)
-    item = PolypDataset(samples, 16, prompt_mode="class")[0]
+    item = PolypDataset(samples, 16, prompt_mode="class", resize="squash")[0]
     img, m = item["image"], item["mask"][0]
     assert torch.all(img[0, :, :7] == 1.0) and torch.all(img[2, :, :7] == 0.0)
     assert torch.all(img[2, :, 9:] == 1.0) and torch.all(img[0, :, 9:] == 0.0)
     assert torch.equal(m[:, :8], torch.ones(16, 8)) and torch.equal(m[:, 8:], torch.zeros(16, 8))
     assert item["text"] == "polyp"
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_the_bottom(tmp_path):
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[:, :20] = (255, 0, 0)
+    image[:, 20:] = (0, 0, 255)
+    _write(tmp_path / "c" / "images" / "s.png", image)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[:, :20] = 255
+    _write(tmp_path / "c" / "masks" / "s.png", mask)
+    samples, _ = list_samples(tmp_path)
+    ds = PolypDataset(samples, 16, prompt_mode="class")  # letterbox is the default
+    item = ds[0]
+    img, m = item["image"], item["mask"][0]
+    assert ds.frame(0).content == (12, 16)  # 30 x 40 -> 12 x 16: the aspect ratio kept
+    assert torch.all(img[0, :12, :7] == 1.0) and torch.all(img[2, :12, 9:] == 1.0)
+    assert torch.all(img[:, 12:] == 0.0) and torch.all(m[12:] == 0.0)  # padding: black, background
+    assert torch.equal(m[:12, :8], torch.ones(12, 8)) and torch.equal(m[:12, 8:], torch.zeros(12, 8))
+    assert ds.original_mask(0).shape == (30, 40)
 
 
 def test_unaugmented_item_matches_files_and_caption(synthetic_root):

@@ -84,6 +84,11 @@ class _TextGatedModel(nn.Module):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))
 
+    uses_saliency_boxes = False
+
+    def oracle_prompts(self, masks):
+        return {}
+
     def forward(self, images, texts):
         on = torch.tensor(["polyp" in t for t in texts], dtype=torch.float32)
         logits = (on * 20 - 10)[:, None, None, None].expand(len(texts), 1, *images.shape[-2:])

@@ -165,3 +165,17 @@ def test_cli_writes_scenes_and_refuses_a_tiny_size(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["data", "synth-scenes", "--out", str(tmp_path / "t"), "--size", "40"])
     assert "argument --size: must be an integer >= 48, got 40" in capsys.readouterr().err
+
+
+def test_training_loop_and_evaluation_take_scene_items_unchanged(one_thread):
+    from shared_model.config import TrainConfig
+    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.training.evaluate import evaluate_model
+    from shared_model.training.loop import train_model
+
+    model = build_model("tiny")
+    dataset = SceneDataset(3, model.image_size, seed=0)
+    result = train_model(model, dataset, TrainConfig(steps=2, batch_size=2, warmup_steps=0, progress=False))
+    assert result.steps == 2 and all(np.isfinite(h["total"]) for h in result.history)
+    scored = evaluate_model(model, dataset, batch_size=4)
+    assert scored.aggregate["n"] == len(dataset)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cli.evaluate import evaluation_images, is_training_data, training_record
 from shared_model.config import ConfigError, DataConfig, check_data, from_dict, from_run_config, to_run_config
 from shared_model.config import FederationConfig, PartitionConfig, TrainConfig
 from shared_model.config.experiment import parse_experiment
@@ -15,6 +16,7 @@ from shared_model.data.sources import class_names, list_config_samples
 from shared_model.data.splits import split_samples
 from shared_model.data.synthetic import generate_dataset
 from shared_model.data.tasks import BREAST_TUMOUR, POLYP, RETINAL_VESSELS, TASKS, get_task, user_task
+from shared_model.training.evaluate import _class_view
 from simulation.experiment import PROJECT_ROOT
 
 
@@ -153,6 +155,10 @@ def test_mixed_sources_carry_their_task_into_prompts_and_captions(two_roots):
     assert class_names(cfg) == "polyp, breast tumour"
     overridden = PolypDataset(samples, 32, prompt_mode="class", class_name="lesion")
     assert {overridden[i]["text"] for i in range(len(overridden))} == {"lesion"}
+    # The "class-name" prompt style of a mixed set: each item's own class name, not "polyp".
+    view = _class_view(captions)
+    assert {view[i]["centre"]: view[i]["text"] for i in range(len(view))} == {"endo": "polyp", "us_b": "breast tumour"}
+    assert _class_view(PolypDataset(alone, 32)) is None and PolypDataset(alone, 32).class_name == "polyp"
 
 
 def test_single_root_form_is_polyp_by_default_and_takes_a_user_task(two_roots):
@@ -190,3 +196,21 @@ def test_experiment_resolves_source_roots_and_the_run_config_carries_them():
     assert exp.data.root == "../shared/data/polyp"  # not read with sources; keeps its default
     rc = to_run_config(FederationConfig(), PartitionConfig(), {"preset": "tiny"}, TrainConfig(), exp.data)
     assert from_run_config(rc).data == exp.data
+
+
+def test_a_checkpoint_record_of_sources_finds_its_folders_and_their_task(two_roots, tmp_path):
+    polyp, other = two_roots
+    cfg = _data({"sources": [{"root": str(polyp)}, {"root": str(other), "task": "breast-tumour"}],
+                 "val_fraction": 0.2, "test_fraction": 0.4})
+    record = training_record(cfg)
+    assert [s["root"] for s in record["sources"]] == [str(polyp.resolve()), str(other.resolve())]
+    assert is_training_data(DataConfig(root=str(other / "us_a")), record)
+    assert not is_training_data(DataConfig(root=str(generate_dataset(tmp_path / "new", ["x"], 2, 32))), record)
+    payload = {"extra": {"data": record}}
+    dataset, split, lines = evaluation_images(payload, 32, data_arg=str(other / "us_a"))
+    assert split == "test" and {s.centre for s in dataset.samples} == {"us_a"}
+    assert {s.task.name for s in dataset.samples} == {"breast-tumour"}
+    assert dataset[0]["text"] == "breast tumour" and 'class (the class name "breast tumour"' in lines[2]
+    whole, split, lines = evaluation_images(payload, 32)  # no --data: the test split of every source
+    assert {s.centre for s in whole.samples} == {"endo", "us_a", "us_b"}
+    assert 'class (the class name "polyp, breast tumour"' in lines[2]

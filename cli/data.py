@@ -28,14 +28,16 @@ def scene_size(text: str) -> int:
 def cmd_data_synth_scenes(args: argparse.Namespace) -> int:
     """Write synthetic multi-target scenes and their prompts; print what was written."""
     import json
+    from collections import Counter
 
     from shared_model.data.scene_dataset import write_scenes
 
     out = write_scenes(args.out, args.n, args.size, args.seed)
     items = json.loads((out / "prompts.json").read_text())["items"]
-    rules = {rule: sum(i["rule"] == rule for i in items) for rule in dict.fromkeys(i["rule"] for i in items)}
-    print(f"wrote {args.n} scenes of {args.size} px and {len(items)} prompts ({', '.join(f'{k} {v}' for k, v in rules.items())}) "
-          f"to {out}: images/, masks/ (all targets), targets/ (one mask per target), prompts.json")
+    rules = Counter(i["rule"] for i in items)
+    print(f"wrote {args.n} scenes of {args.size} px and {len(items)} prompts "
+          f"({', '.join(f'{k} {v}' for k, v in rules.items())}) to {out}: images/, masks/ (all targets), "
+          "targets/ (one mask per target), prompts.json")
     return 0
 
 

@@ -14,6 +14,9 @@ EVAL_PROMPTS = ("class", "oracle-caption")
 
 DEFAULT_DATA_ROOT = "../shared/data/polyp"
 CAPTION_STYLES = ("objects", "network")  # of user-defined tasks (the "polyp" style is the polyp task's)
+# Names of the built-in tasks of shared_model.data.tasks.TASKS (kept here so that parsing a config
+# does not import the data package).
+BUILTIN_TASKS = ("polyp", "breast-tumour", "retinal-vessels")
 
 
 @dataclass
@@ -156,9 +159,7 @@ def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
 
 def check_tasks(cfg: DataConfig, prefix: str = "data.") -> None:
     """Check ``tasks``, ``task`` and ``sources`` of a :class:`DataConfig`, naming the field."""
-    from shared_model.data.tasks import TASKS
-
-    names = set(TASKS)
+    names = set(BUILTIN_TASKS)
     for i, task in enumerate(cfg.tasks):
         where = f"{prefix}tasks[{i}]."
         for name in ("name", "class_name", "modality"):

@@ -10,6 +10,8 @@ from shared_model.data.folder import (
     load_image,
     load_mask,
 )
+from shared_model.data.scene_dataset import SceneDataset, write_scenes
+from shared_model.data.scenes import Scene, synthetic_scene
 from shared_model.data.sources import list_config_samples
 from shared_model.data.splits import (
     build_datasets,
@@ -28,6 +30,8 @@ __all__ = [
     "JointTransform",
     "PolypDataset",
     "Sample",
+    "Scene",
+    "SceneDataset",
     "SyntheticStyle",
     "TASKS",
     "Task",
@@ -49,4 +53,6 @@ __all__ = [
     "save_split_file",
     "split_samples",
     "synthetic_sample",
+    "synthetic_scene",
+    "write_scenes",
 ]

@@ -52,6 +52,7 @@ SMALL_RADIUS = (0.05, 0.09)  # polyp semi-axis as a fraction of the side
 LARGE_RADIUS = (0.13, 0.2)
 COLOURS = ("red", "pale")
 POLYP_RGB = {"red": (190.0, 62.0, 55.0), "pale": (215.0, 172.0, 158.0)}  # green / red 0.33 and 0.8
+MAX_DRAWS = 100  # draws of a frame (under 1 % of draws fail and are redrawn)
 _GAP = 3  # pixels kept free between targets
 
 
@@ -214,10 +215,11 @@ def synthetic_scene(rng: np.random.Generator, size: int = 128, style: SyntheticS
     """
     if size < 48:
         raise ValueError(f"size must be >= 48, got {size}")
-    while True:
+    for _ in range(MAX_DRAWS):
         scene = _draw_scene(rng, size, style or STYLES[int(rng.integers(len(STYLES)))])
         if len(scene.targets) >= 2 and scene.prompts:
             return scene
+    raise RuntimeError(f"no scene with two targets and a prompt in {MAX_DRAWS} draws at size {size}")
 
 
 def _draw_scene(rng: np.random.Generator, size: int, style: SyntheticStyle) -> Scene:
@@ -234,7 +236,7 @@ def _draw_scene(rng: np.random.Generator, size: int, style: SyntheticStyle) -> S
     light_dir = rng.uniform(-1, 1, 2) * 0.35
     targets: list[SceneTarget] = []
     highlights: list[tuple[float, float]] = []
-    for k in range(n_polyps):
+    for _ in range(n_polyps):
         radius = LARGE_RADIUS if rng.random() < 0.5 else SMALL_RADIUS
         colour = COLOURS[int(rng.integers(2))]
         for _ in range(40):

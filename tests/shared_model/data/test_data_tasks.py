@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from cli.evaluate import evaluation_images, is_training_data, training_record
-from shared_model.config import ConfigError, DataConfig, check_data, from_dict, from_run_config, to_run_config
-from shared_model.config import FederationConfig, PartitionConfig, TrainConfig
+from shared_model.config import (ConfigError, DataConfig, FederationConfig, PartitionConfig, TrainConfig, check_data,
+                                 from_dict, from_run_config, to_run_config)
 from shared_model.config.experiment import parse_experiment
+from shared_model.config.site import BUILTIN_TASKS
 from shared_model.data import PolypDataset, build_datasets, list_samples
 from shared_model.data.captions import attribute_caption, network_caption, object_caption
 from shared_model.data.folder import DataError
@@ -48,7 +49,7 @@ def _vessel_tree(size, width, spacing=64):
 
 
 def test_registry_names_and_unknown_task():
-    assert set(TASKS) == {"polyp", "breast-tumour", "retinal-vessels"}
+    assert tuple(TASKS) == BUILTIN_TASKS == ("polyp", "breast-tumour", "retinal-vessels")
     assert get_task("breast-tumour").modality == "ultrasound"
     with pytest.raises(ValueError, match=r"unknown task 'busi'; valid tasks: \['breast-tumour', 'polyp'"):
         get_task("busi")
@@ -113,7 +114,8 @@ def test_sources_parse_strictly_and_name_the_field():
         ({"root": "elsewhere", "sources": [{"root": "a"}]}, r"data.root: leave it unset when data.sources is given"),
         ({"task": "breast-tumour", "sources": [{"root": "a"}]}, r"data.task: leave it unset"),
         ({"task": "vessels"}, r"data.task: 'vessels' is not a task"),
-        ({"tasks": [{"name": "polyp", "class_name": "p", "modality": "m"}]}, r"data.tasks\[0\].name: 'polyp' is already"),
+        ({"tasks": [{"name": "polyp", "class_name": "p", "modality": "m"}]},
+         r"data.tasks\[0\].name: 'polyp' is already"),
         ({"tasks": [{"name": "s", "class_name": "", "modality": "m"}]}, r"data.tasks\[0\].class_name: must be"),
         ({"tasks": [{"name": "s", "class_name": "c", "modality": "m", "caption": "polyp"}]},
          r"data.tasks\[0\].caption: 'polyp' not in \['objects', 'network'\]"),

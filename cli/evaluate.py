@@ -148,15 +148,16 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
         data.eval_prompt = eval_prompt
     check_data(data, f"{data_config}: data." if data_config else "data.")
     split, why = choose_split(data, bool(data_arg), split, record)
+    where = " + ".join(s.root for s in data.sources) if data.sources else data.root
     if split == "all":
         samples, _ = list_config_samples(data)
     else:
         samples = build_splits(data)[0][split]
         if not samples:
-            raise ValueError(f"the {split} split of {data.root} is empty (fractions val {data.val_fraction}, "
+            raise ValueError(f"the {split} split of {where} is empty (fractions val {data.val_fraction}, "
                              f"test {data.test_fraction}); --split all scores every image")
     dataset = evaluation_dataset(samples, image_size, data.eval_prompt, data.class_name, data.on_error)
-    return dataset, split, [why, describe_images(dataset.samples, data.root, split),
+    return dataset, split, [why, describe_images(dataset.samples, where, split),
                             f"evaluation prompt: {describe_eval_prompt(data.eval_prompt, class_names(data))}"]
 
 

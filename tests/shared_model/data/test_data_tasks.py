@@ -216,3 +216,4 @@ def test_a_checkpoint_record_of_sources_finds_its_folders_and_their_task(two_roo
     whole, split, lines = evaluation_images(payload, 32)  # no --data: the test split of every source
     assert {s.centre for s in whole.samples} == {"endo", "us_a", "us_b"}
     assert 'class (the class name "polyp, breast tumour"' in lines[2]
+    assert f"of {polyp.resolve()} + {other.resolve()}: endo " in lines[1]

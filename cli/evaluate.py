@@ -35,19 +35,43 @@ SPLIT_CHOICES = ("all", "train", "val", "test")
 
 
 def training_record(data: DataConfig) -> dict[str, Any]:
-    """The training data of a checkpoint, as stored in its ``extra["data"]`` (root made absolute)."""
+    """The training data of a checkpoint, as stored in its ``extra["data"]`` (roots made absolute).
+
+    With ``data.sources``, each source's root is made absolute and ``root`` keeps its default.
+    """
     from shared_model.data.folder import resolve_centres
 
+    if data.sources:
+        sources = [{**to_dict(s), "root": str(resolve_centres(s.root, s.centres or None)[0].resolve())}
+                   for s in data.sources]
+        return {**to_dict(data), "sources": sources}
     root, centres = resolve_centres(data.root, data.centres or None)
     return {**to_dict(data), "root": str(root.resolve()), "centres": centres}
 
 
-def is_training_data(data: DataConfig, record: Mapping[str, Any]) -> bool:
-    """Whether ``data`` (root + centres) shares a centre with the recorded training data."""
-    from shared_model.data.folder import resolve_centres
+def recorded_data(record: Mapping[str, Any]) -> DataConfig:
+    """The DataConfig of a training record (its known fields; records predate some fields)."""
+    from shared_model.config import from_dict
 
-    root, centres = resolve_centres(data.root, data.centres or None)
-    return root.resolve() == Path(record["root"]) and bool(set(centres) & set(record["centres"]))
+    return from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__})
+
+
+def is_training_data(data: DataConfig, record: Mapping[str, Any]) -> bool:
+    """Whether ``data`` shares a centre folder (``<root>/<centre>``) with the recorded training data."""
+    from shared_model.data.sources import centre_folders
+
+    return bool(centre_folders(data) & centre_folders(recorded_data(record)))
+
+
+def _task_of_folder(data: DataConfig, folder: str) -> str:
+    """The task of the source of ``data`` that holds ``folder`` (a root or one centre's folder)."""
+    from shared_model.data.sources import centre_folders
+
+    given = centre_folders(DataConfig(root=folder, tasks=data.tasks))
+    for source in data.sources:
+        if given & centre_folders(DataConfig(root=source.root, centres=source.centres, tasks=data.tasks)):
+            return source.task
+    return data.task
 
 
 def choose_split(data: DataConfig, data_given: bool, split: str | None,
@@ -93,7 +117,8 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
     """
     from shared_model.config import ConfigError, check_data, from_dict, load_yaml
     from shared_model.data.dataset import evaluation_dataset
-    from shared_model.data.folder import describe_eval_prompt, list_samples
+    from shared_model.data.folder import describe_eval_prompt
+    from shared_model.data.sources import class_names, list_config_samples
     from shared_model.data.splits import build_splits
 
     record = (payload.get("extra") or {}).get("data")
@@ -108,10 +133,11 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
             DataConfig(root=data_arg, centres=list(centres or [])), record)):
         # The training data: its split settings (so "test" is the held-out split); the recorded
         # centres only when no --data names the folder to score.
-        data = from_dict(DataConfig, {k: v for k, v in record.items() if k in DataConfig.__dataclass_fields__
-                                      and k != "eval_prompt"})
+        data = recorded_data({k: v for k, v in record.items() if k != "eval_prompt"})
         if data_arg:
             data.centres = []
+            if data.sources:  # --data is one of them: score it alone, as its source's task
+                data.task, data.sources = _task_of_folder(data, data_arg), []
     else:
         data = DataConfig()
     if data_arg:
@@ -123,17 +149,18 @@ def evaluation_images(payload: Mapping[str, Any], image_size: int, data_arg: str
         data.eval_prompt = eval_prompt
     check_data(data, f"{data_config}: data." if data_config else "data.")
     split, why = choose_split(data, bool(data_arg), split, record)
+    where = " + ".join(s.root for s in data.sources) if data.sources else data.root
     if split == "all":
-        samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+        samples, _ = list_config_samples(data)
     else:
         samples = build_splits(data)[0][split]
         if not samples:
-            raise ValueError(f"the {split} split of {data.root} is empty (fractions val {data.val_fraction}, "
+            raise ValueError(f"the {split} split of {where} is empty (fractions val {data.val_fraction}, "
                              f"test {data.test_fraction}); --split all scores every image")
     dataset = evaluation_dataset(samples, image_size, data.eval_prompt, data.class_name, data.on_error,
                                  resize=resize)
-    return dataset, split, [why, describe_images(dataset.samples, data.root, split),
-                            f"evaluation prompt: {describe_eval_prompt(data.eval_prompt, data.class_name)}"]
+    return dataset, split, [why, describe_images(dataset.samples, where, split),
+                            f"evaluation prompt: {describe_eval_prompt(data.eval_prompt, class_names(data))}"]
 
 
 def baseline_mask(payload: Mapping[str, Any]) -> tuple["torch.Tensor | None", str]:

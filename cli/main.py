@@ -53,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shared_model.checkpoint import save_model_checkpoint
     from shared_model.data import build_datasets
     from shared_model.data.folder import describe_eval_prompt
+    from shared_model.data.sources import class_names
     from shared_model.training.evaluate import evaluate_model, fit_constant_mask, score_constant_mask
     from cli.evaluate import training_record
     from shared_model.modeling.prompt_sam import build_model
@@ -71,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "eval_prompt": exp.data.eval_prompt}
     extra = {"train": report["train"], "data": training_record(exp.data)}
     ckpt = save_model_checkpoint(out / "model.pt", model, extra=extra)
-    print(f"val/test prompt: {describe_eval_prompt(exp.data.eval_prompt, exp.data.class_name)}", flush=True)
+    print(f"val/test prompt: {describe_eval_prompt(exp.data.eval_prompt, class_names(exp.data))}", flush=True)
     for split in ("val", "test"):
         if split in splits and len(splits[split]):
             ev = evaluate_model(model, splits[split], device=args.device, batch_size=exp.train.eval_batch_size,

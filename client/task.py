@@ -112,6 +112,7 @@ class LocalData:
 
 def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict[str, list]]:
     from shared_model.data.folder import is_centre_folder, list_samples
+    from shared_model.data.sources import config_task
     from shared_model.data.splits import split_samples
 
     data = settings.data
@@ -119,7 +120,7 @@ def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict
         path = Path(node.data_path)
         # The run's centre list names the pooled data's centres, not this hospital's own folder.
         centres = None if is_centre_folder(path) else data.centres or None
-        samples, _ = list_samples(path, centres, data.on_error)
+        samples, _ = list_samples(path, centres, data.on_error, config_task(data))
         val = data.val_fraction if node.val_fraction is None else node.val_fraction
         test = data.test_fraction if node.test_fraction is None else node.test_fraction
         seed = data.split_seed if node.split_seed is None else node.split_seed

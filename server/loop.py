@@ -327,10 +327,10 @@ def _dataset(settings: RunSettings, samples: list, image_size: int | None = None
 
 def pooled_splits(data: DataConfig) -> dict[str, list]:
     """The pooled train/val/test samples of a data config (its split file, else its fractions and seed)."""
-    from shared_model.data.folder import list_samples
+    from shared_model.data.sources import list_config_samples
     from shared_model.data.splits import load_split_file, split_samples
 
-    samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+    samples, _ = list_config_samples(data)
     if data.split_file:
         return load_split_file(data.split_file, samples)
     return split_samples(samples, data.val_fraction, data.test_fraction, data.split_seed)
@@ -351,6 +351,7 @@ def evaluation_sets(settings: RunSettings, image_size: int | None = None):
         DataError: When the data cannot be read.
     """
     from shared_model.data.folder import list_samples
+    from shared_model.data.sources import config_task
 
     choice, data = settings.federation.global_eval, settings.data
     if choice == "none":
@@ -364,7 +365,8 @@ def evaluation_sets(settings: RunSettings, image_size: int | None = None):
     path = Path(choice)
     if not path.is_dir():
         raise ConfigError(f"global-eval: {choice!r} is neither 'val', 'test', 'none' nor a folder")
-    samples, _ = list_samples(path, None, data.on_error)  # a root of centres or one centre's folder
+    # A root of centres or one centre's folder, holding images of the config's task.
+    samples, _ = list_samples(path, None, data.on_error, config_task(data))
     return _dataset(settings, samples, image_size), None
 
 

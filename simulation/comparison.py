@@ -112,11 +112,11 @@ def load_comparison(path: str | Path, overrides: Mapping[str, Any] | None = None
 
 def centres_of(exp: Experiment) -> list[str]:
     """The experiment's centres (``data.centres``, else every centre folder under the root)."""
-    from shared_model.data.folder import list_samples
+    from shared_model.data.sources import list_config_samples
 
     if exp.data.centres:
         return list(exp.data.centres)
-    samples, _ = list_samples(exp.data.root, None, exp.data.on_error)
+    samples, _ = list_config_samples(exp.data)
     return sorted({s.centre for s in samples})
 
 

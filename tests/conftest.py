@@ -1,4 +1,4 @@
-"""Shared test fixtures: a tiny synthetic dataset and the real polyp data (when present).
+"""Shared test fixtures: a tiny synthetic dataset and the real polyp and task data (when present).
 
 Also puts the repository root on ``sys.path`` so the tests run from any working directory.
 """
@@ -65,6 +65,21 @@ def polyp_root() -> Path:
     if not root.is_dir():
         message = (f"real polyp data not found at {root} (set PROMPTSAM_DATA to the folder holding "
                    "kvasir_seg/, cvc_clinicdb/, cvc_colondb/)")
+        if _ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tasks_root() -> Path:
+    """The real non-polyp tasks (busi, retina_vessels): env ``PROMPTSAM_TASKS``, else
+    ``<repo>/../shared/data/tasks``. Skips when the folder is missing, except under CI, where it fails."""
+    env = os.environ.get("PROMPTSAM_TASKS")
+    root = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "tasks"
+    if not root.is_dir():
+        message = (f"real task data not found at {root} (set PROMPTSAM_TASKS to the folder holding "
+                   "busi/ and retina_vessels/)")
         if _ci():
             pytest.fail(message)
         pytest.skip(message)

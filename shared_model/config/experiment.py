@@ -163,7 +163,11 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
         check_privacy(exp.privacy, "privacy.")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-    if not Path(exp.data.root).is_absolute():
+    if exp.data.sources:  # the root is not read, and must keep its default
+        for source in exp.data.sources:
+            if not Path(source.root).is_absolute():
+                source.root = str((PROJECT_ROOT / source.root).resolve())
+    elif not Path(exp.data.root).is_absolute():
         exp.data.root = str((PROJECT_ROOT / exp.data.root).resolve())
     if exp.data.split_file and not Path(exp.data.split_file).is_absolute():
         exp.data.split_file = str((PROJECT_ROOT / exp.data.split_file).resolve())

@@ -12,16 +12,51 @@ from shared_model.config.parse import ConfigError, _raise_first, from_dict
 EVAL_PROMPTS = ("class", "oracle-caption")
 
 
+DEFAULT_DATA_ROOT = "../shared/data/polyp"
+CAPTION_STYLES = ("objects", "network")  # of user-defined tasks (the "polyp" style is the polyp task's)
+# Names of the built-in tasks of shared_model.data.tasks.TASKS (kept here so that parsing a config
+# does not import the data package).
+BUILTIN_TASKS = ("polyp", "breast-tumour", "retinal-vessels")
+
+
+@dataclass
+class TaskConfig:
+    """A user-defined segmentation task (``data.tasks``); see :mod:`shared_model.data.tasks`."""
+
+    name: str = ""  # how sources refer to it, e.g. "skin-lesion"
+    class_name: str = ""  # noun of one target, e.g. "skin lesion"
+    modality: str = ""  # e.g. "dermoscopy"
+    image_noun: str = ""  # the image with its article; "" = "a/an <modality> image"
+    caption: str = "objects"  # caption words: "objects" (size, brightness, shape, place) or "network"
+
+
+@dataclass
+class SourceConfig:
+    """One folder of ``data.sources``: a dataset root (or one centre's folder), its centres, its task."""
+
+    root: str = ""
+    centres: list[str] = field(default_factory=list)  # empty = every centre folder under root
+    task: str = "polyp"
+
+
 @dataclass
 class DataConfig:
     """A folder dataset ``<root>/<centre>/{images,masks}`` and its split.
 
     ``root`` may also be one centre's own folder ``<folder>/{images,masks}`` (the centre is then the
-    folder's name; see :func:`shared_model.data.folder.resolve_centres`).
+    folder's name; see :func:`shared_model.data.folder.resolve_centres`). Its masks mark ``task``.
+
+    ``sources`` instead mixes folders of several roots and tasks (``root`` and ``task`` must then
+    keep their defaults, and ``centres``, when set, keeps only those of the sources' centres);
+    centre names must be distinct over all sources, as splits and split files name samples
+    ``<centre>/<stem>``. See :mod:`shared_model.data.sources`.
     """
 
-    root: str = "../shared/data/polyp"
+    root: str = DEFAULT_DATA_ROOT
     centres: list[str] = field(default_factory=list)  # empty = every centre folder under root
+    task: str = "polyp"  # what the masks of root mark: a built-in task or one of ``tasks``
+    sources: list[SourceConfig] = field(default_factory=list)  # several roots/tasks instead of root
+    tasks: list[TaskConfig] = field(default_factory=list)  # user-defined tasks, beside the built-in ones
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -29,7 +64,7 @@ class DataConfig:
     on_error: str = "raise"  # "raise" or "skip" (skips are reported, never silent)
     augment: bool = True
     prompt_mode: str = "attributes"  # "attributes" captions or "class" (the class name only)
-    class_name: str = "polyp"
+    class_name: str | None = None  # None = each sample's task's class name; a string overrides all
     # Prompt of every scored set (val/test/evaluate): "class" (the class name, default) or
     # "oracle-caption" (captions of the ground-truth masks: optimistic, an upper bound).
     eval_prompt: str = "class"
@@ -116,4 +151,36 @@ def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
         ("test_fraction", cfg.val_fraction + cfg.test_fraction < 1.0,
          f"val_fraction + test_fraction must be < 1, got {cfg.val_fraction} + {cfg.test_fraction}"),
         ("root", bool(cfg.root), "must name a folder"),
+        ("class_name", cfg.class_name is None or bool(cfg.class_name.strip()),
+         "must be a non-empty string, or unset (each task's class name)"),
     ], prefix)
+    check_tasks(cfg, prefix)
+
+
+def check_tasks(cfg: DataConfig, prefix: str = "data.") -> None:
+    """Check ``tasks``, ``task`` and ``sources`` of a :class:`DataConfig`, naming the field."""
+    names = set(BUILTIN_TASKS)
+    for i, task in enumerate(cfg.tasks):
+        where = f"{prefix}tasks[{i}]."
+        for name in ("name", "class_name", "modality"):
+            if not getattr(task, name).strip():
+                raise ConfigError(f"{where}{name}: must be a non-empty string")
+        if task.name in names:
+            raise ConfigError(f"{where}name: {task.name!r} is already a task; taken: {sorted(names)}")
+        if task.caption not in CAPTION_STYLES:
+            raise ConfigError(f"{where}caption: {task.caption!r} not in {list(CAPTION_STYLES)}")
+        names.add(task.name)
+    if cfg.task not in names:
+        raise ConfigError(f"{prefix}task: {cfg.task!r} is not a task; valid: {sorted(names)}")
+    if not cfg.sources:
+        return
+    for name, unset in (("root", cfg.root == DEFAULT_DATA_ROOT), ("task", cfg.task == "polyp")):
+        if not unset:
+            raise ConfigError(f"{prefix}{name}: leave it unset when {prefix}sources is given "
+                              "(each source names its own root and task)")
+    for i, source in enumerate(cfg.sources):
+        where = f"{prefix}sources[{i}]."
+        if not source.root:
+            raise ConfigError(f"{where}root: must name a folder")
+        if source.task not in names:
+            raise ConfigError(f"{where}task: {source.task!r} is not a task; valid: {sorted(names)}")

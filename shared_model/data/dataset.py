@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import Dataset
 
 from shared_model.config.site import EVAL_PROMPTS
-from shared_model.data.captions import attribute_caption, class_prompt
 from shared_model.data.folder import (
     CAPTION_MAX_SIZE,
     PROMPT_MODES,
@@ -43,9 +42,11 @@ class PolypDataset(Dataset):
     the mask's own resolution.
 
     Items are dicts: ``image`` float32 3 x S x S in [0, 1]; ``mask`` float32 1 x S x S in {0, 1};
-    ``text`` the caption (``prompt_mode="attributes"``: :func:`attribute_caption` of the
+    ``text`` the caption (``prompt_mode="attributes"``: the caption of the sample's task
+    (:meth:`~shared_model.data.tasks.Task.caption`; for polyps :func:`attribute_caption`) of the
     (augmented) mask and image, so the location words follow flips; ``"class"``: the class name);
-    ``stem`` and ``centre`` strings.
+    ``stem`` and ``centre`` strings. Each sample's task (:attr:`Sample.task`) gives its class name
+    and caption words, so one dataset can mix tasks; ``class_name`` overrides the noun for all.
 
     Augmentation (``augment=True``) is seeded per item from ``(seed, epoch, index)``: the same
     index in the same epoch gives the same result in any process or worker. Call
@@ -64,7 +65,7 @@ class PolypDataset(Dataset):
         image_size: int,
         augment: bool = False,
         prompt_mode: str = "attributes",
-        class_name: str = "polyp",
+        class_name: str | None = None,
         seed: int = 0,
         on_error: str = "raise",
         cache: bool = True,
@@ -81,8 +82,10 @@ class PolypDataset(Dataset):
         self.image_size = int(image_size)
         self.augment = augment
         self.prompt_mode = prompt_mode
-        self.class_name = class_name
-        self.class_text = class_prompt(class_name)
+        # The noun of every prompt: the override, else the samples' task's when they share one
+        # (None when tasks are mixed: each item then names its own task's class).
+        tasks = {s.task for s in self.samples}
+        self.class_name = class_name or (tasks.pop().class_name if len(tasks) == 1 else None)
         self.seed = seed
         self.on_error = on_error
         self.cache = cache
@@ -220,13 +223,14 @@ class PolypDataset(Dataset):
 
     def _text(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> str:
         """The item's prompt; captions describe the unpadded image (3 x h x w) and mask (1 x h x w)."""
+        task = self.samples[index].task
         if self.prompt_mode == "class":
-            return self.class_text
+            return task.class_prompt(self.class_name)
         if self.transform is None and index in self._captions:
             return self._captions[index]
         step = -(-max(mask.shape[-2:]) // CAPTION_MAX_SIZE)  # words use fractions: subsample big items
-        caption = attribute_caption(mask[0, ::step, ::step].numpy() > 0,
-                                    image[:, ::step, ::step].permute(1, 2, 0).numpy(), self.class_name)
+        caption = task.caption(mask[0, ::step, ::step].numpy() > 0,
+                               image[:, ::step, ::step].permute(1, 2, 0).numpy(), self.class_name)
         if self.transform is None and self.cache:
             self._captions[index] = caption
         return caption
@@ -240,7 +244,7 @@ def evaluation_dataset(
     samples: Sequence[Sample],
     image_size: int,
     eval_prompt: str = "class",
-    class_name: str = "polyp",
+    class_name: str | None = None,
     on_error: str = "raise",
     cache: bool = True,
     resize: str = "letterbox",
@@ -257,7 +261,7 @@ def evaluation_dataset(
         samples: The image/mask pairs to score.
         image_size: Side S of the square items.
         eval_prompt: One of :data:`~shared_model.config.site.EVAL_PROMPTS`.
-        class_name: The class noun of the prompt.
+        class_name: The class noun of the prompt; None: each sample's task's class name.
         on_error: ``"raise"`` or ``"skip"`` on unreadable pairs.
         cache: Keep decoded, resized arrays in memory.
         resize: ``"letterbox"`` or ``"squash"`` (see :class:`~shared_model.data.geometry.Frame`).

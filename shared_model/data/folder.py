@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shared_model.data.geometry import Frame
+from shared_model.data.tasks import POLYP, Task
 
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image/mask pair of a centre."""
+    """One image/mask pair of a centre, and the task its mask marks (polyps unless told)."""
 
     centre: str
     stem: str
     image_path: Path
     mask_path: Path
+    task: Task = POLYP
 
     @property
     def key(self) -> str:
@@ -107,7 +109,7 @@ def _list_files(folder: Path, on_error: str, skipped: list[str]) -> dict[str, Pa
     return files
 
 
-def _list_centre(root: Path, centre: str, on_error: str, skipped: list[str]) -> list[Sample]:
+def _list_centre(root: Path, centre: str, on_error: str, skipped: list[str], task: Task) -> list[Sample]:
     centre_dir = root / centre
     image_dir, mask_dir = centre_dir / "images", centre_dir / "masks"
     for folder in (image_dir, mask_dir):
@@ -126,7 +128,7 @@ def _list_centre(root: Path, centre: str, on_error: str, skipped: list[str]) -> 
         elif stem not in images:
             report_problem(f"{masks[stem]}: mask without an image in {image_dir}", on_error, skipped)
         else:
-            samples.append(Sample(centre, stem, images[stem], masks[stem]))
+            samples.append(Sample(centre, stem, images[stem], masks[stem], task))
     return samples
 
 
@@ -184,7 +186,7 @@ def resolve_centres(
 
 
 def list_samples(
-    root: str | Path, centres: Sequence[str] | None = None, on_error: str = "raise"
+    root: str | Path, centres: Sequence[str] | None = None, on_error: str = "raise", task: Task = POLYP,
 ) -> tuple[list[Sample], list[str]]:
     """List the image/mask pairs under ``root``, sorted by (centre, stem).
 
@@ -193,6 +195,7 @@ def list_samples(
             :func:`resolve_centres`).
         centres: Centre folder names to use; ``None`` or empty = every non-hidden folder of ``root``.
         on_error: ``"raise"`` or ``"skip"`` (see module docstring).
+        task: What the masks mark; every sample carries it (its prompt and caption follow it).
 
     Returns:
         ``(samples, skipped_reasons)``.
@@ -208,7 +211,7 @@ def list_samples(
     root, centres = resolve_centres(root, centres, on_error, skipped)
     samples: list[Sample] = []
     for centre in centres:
-        samples.extend(_list_centre(root, centre, on_error, skipped))
+        samples.extend(_list_centre(root, centre, on_error, skipped, task))
     if not samples:
         raise DataError(f"{root}: no image/mask pairs found (centres {centres}; skipped: {skipped})")
     return samples, skipped

@@ -113,10 +113,10 @@ def hospital_splits(data: DataConfig, part: PartitionConfig, num_partitions: int
     Raises:
         PartitionError: If a set split file is missing or a hospital gets no training sample.
     """
-    from shared_model.data.folder import list_samples
+    from shared_model.data.sources import list_config_samples
     from shared_model.data.splits import load_split_file, split_samples
 
-    samples, _ = list_samples(data.root, data.centres or None, data.on_error)
+    samples, _ = list_config_samples(data)
     if data.split_file:
         if not Path(data.split_file).is_file():
             raise PartitionError(f"data.split_file: {data.split_file} not found (create it before the run)")

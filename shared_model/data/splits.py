@@ -18,7 +18,8 @@ import numpy as np
 
 from shared_model.config import DataConfig
 from shared_model.data.dataset import PolypDataset, evaluation_dataset
-from shared_model.data.folder import DataError, Sample, list_samples
+from shared_model.data.folder import DataError, Sample
+from shared_model.data.sources import list_config_samples
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,10 @@ def build_splits(cfg: DataConfig) -> tuple[dict[str, list[Sample]], list[str]]:
     computed from ``val_fraction``, ``test_fraction`` and ``split_seed``.
 
     Returns:
-        ``(splits, skipped_reasons)`` from :func:`list_samples`.
+        ``(splits, skipped_reasons)`` from
+        :func:`~shared_model.data.sources.list_config_samples` (root or sources, each with its task).
     """
-    samples, skipped = list_samples(cfg.root, cfg.centres or None, cfg.on_error)
+    samples, skipped = list_config_samples(cfg)
     split_file = Path(cfg.split_file) if cfg.split_file else None
     if split_file is not None and split_file.exists():
         splits = load_split_file(split_file, samples)

@@ -108,6 +108,44 @@ def _polyp_shape(
     return None
 
 
+def _paint_polyp(
+    image: np.ndarray, px: np.ndarray, py: np.ndarray, shape: tuple, light_dir: np.ndarray,
+    tint: np.ndarray, texture: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Paint one polyp (a :func:`_polyp_shape` result) onto ``image`` (H x W x 3 float).
+
+    Returns:
+        ``(new image, H x W bool polyp mask, (x, y) of its specular highlight)``.
+    """
+    cx, cy, a, b, angle, terms = shape
+    u = (px - cx) * np.cos(angle) + (py - cy) * np.sin(angle)
+    v = -(px - cx) * np.sin(angle) + (py - cy) * np.cos(angle)
+    phi = np.arctan2(v / b, u / a)
+    wobble = 1 + (terms[:, 1] * np.cos(terms[:, 0] * phi[..., None] + terms[:, 2])).sum(-1)
+    rho = np.sqrt((u / a) ** 2 + (v / b) ** 2) / wobble
+    # Raised dome lit from light_dir, shadowed rim just outside, antialiased edge.
+    dome = np.sqrt(np.clip(1 - ((u / a - light_dir[0]) ** 2 + (v / b - light_dir[1]) ** 2) / 1.6, 0, 1))
+    rim = 1 - 0.22 * np.exp(-((rho - 1.05) / 0.1) ** 2) * (rho > 1)
+    polyp = image * tint * ((0.8 + 0.35 * dome) * texture)[..., None]
+    alpha = np.clip((1 - rho) * min(a, b) + 0.5, 0, 1)[..., None]
+    image = (polyp * alpha + image * (1 - alpha)) * rim[..., None]
+    hx, hy = light_dir * np.array([a, b]) * 0.6
+    highlight = (cx + hx * np.cos(angle) - hy * np.sin(angle), cy + hx * np.sin(angle) + hy * np.cos(angle))
+    return image, rho <= 1, highlight
+
+
+def _add_highlights(rng: np.random.Generator, image: np.ndarray, px: np.ndarray, py: np.ndarray,
+                    spots: list[tuple[float, float]]) -> np.ndarray:
+    """Small white specular blobs at ``spots`` (x, y in pixels) on ``image`` (H x W x 3 float)."""
+    size = image.shape[0]
+    for hx, hy in spots:
+        sigma = rng.uniform(0.006, 0.016) * size
+        blob = np.exp(-((px - hx) ** 2 + (py - hy) ** 2 * rng.uniform(0.5, 2)) / (2 * sigma**2))
+        alpha = np.clip(1.6 * blob, 0, 1)[..., None]
+        image = image * (1 - alpha) + 250 * alpha
+    return image
+
+
 def synthetic_sample(
     rng: np.random.Generator, size: int, style: SyntheticStyle | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -135,36 +173,18 @@ def synthetic_sample(
         shape = _polyp_shape(rng, size, style, taken)
         if shape is None:
             continue
-        cx, cy, a, b, angle, terms = shape
-        taken.append((cx, cy, a))
-        u = (px - cx) * np.cos(angle) + (py - cy) * np.sin(angle)
-        v = -(px - cx) * np.sin(angle) + (py - cy) * np.cos(angle)
-        phi = np.arctan2(v / b, u / a)
-        wobble = 1 + (terms[:, 1] * np.cos(terms[:, 0] * phi[..., None] + terms[:, 2])).sum(-1)
-        rho = np.sqrt((u / a) ** 2 + (v / b) ** 2) / wobble
-        inside = rho <= 1
-        mask |= inside
-        # Raised dome lit from light_dir, shadowed rim just outside, antialiased edge.
-        dome = np.sqrt(np.clip(1 - ((u / a - light_dir[0]) ** 2 + (v / b - light_dir[1]) ** 2) / 1.6, 0, 1))
-        rim = 1 - 0.22 * np.exp(-((rho - 1.05) / 0.1) ** 2) * (rho > 1)
+        taken.append((shape[0], shape[1], shape[2]))
         tint = np.asarray(style.tint, np.float32) * rng.uniform(0.93, 1.07, 3).astype(np.float32)
         if rng.random() < 0.3:  # a paler polyp
             tint = 0.5 * tint + 0.5 * np.array([1.12, 1.12, 1.12], np.float32)
         texture = 1 + 0.05 * _smooth_noise(rng, size, max(4, size // 4))
-        polyp = image * tint * ((0.8 + 0.35 * dome) * texture)[..., None]
-        alpha = np.clip((1 - rho) * min(a, b) + 0.5, 0, 1)[..., None]
-        image = (polyp * alpha + image * (1 - alpha)) * rim[..., None]
-        hx, hy = light_dir * np.array([a, b]) * 0.6
-        highlights.append((cx + hx * np.cos(angle) - hy * np.sin(angle),
-                           cy + hx * np.sin(angle) + hy * np.cos(angle)))
+        image, inside, highlight = _paint_polyp(image, px, py, shape, light_dir, tint, texture)
+        mask |= inside
+        highlights.append(highlight)
     if not taken:  # cannot happen with the radius ranges used (first draw never overlaps)
         raise RuntimeError("no polyp could be placed")
     highlights += [tuple(rng.uniform(0, size, 2)) for _ in range(rng.integers(1, 5))]
-    for hx, hy in highlights:
-        sigma = rng.uniform(0.006, 0.016) * size
-        blob = np.exp(-((px - hx) ** 2 + (py - hy) ** 2 * rng.uniform(0.5, 2)) / (2 * sigma**2))
-        alpha = np.clip(1.6 * blob, 0, 1)[..., None]
-        image = image * (1 - alpha) + 250 * alpha
+    image = _add_highlights(rng, image, px, py, highlights)
     image = image + rng.normal(0, style.noise, image.shape).astype(np.float32)
     return np.clip(image, 0, 255).round().astype(np.uint8), mask
 

@@ -227,6 +227,20 @@ def _caption_view(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def _class_view(dataset: Dataset) -> Dataset | None:
+    """A view of a PolypDataset that mixes tasks with each item's class prompt as its text, else None."""
+    from shared_model.data.dataset import PolypDataset
+
+    if not isinstance(dataset, PolypDataset) or dataset.class_name is not None:
+        return None
+    view = copy.copy(dataset)
+    view.prompt_mode = "class"
+    return view
+
+
+CLASS_PER_TASK_LABEL = "<each image's task class name>"
+
+
 def evaluate_prompt_styles(
     model: PromptSAM,
     dataset: Dataset,
@@ -262,8 +276,8 @@ def evaluate_prompt_styles(
         device: Device (``"auto"``: CUDA when present).
         batch_size: Images per forward pass.
         threshold: Probability threshold of the predicted mask.
-        class_name: Class noun of ``class-name`` (default: the dataset's ``class_name``, else
-            ``"polyp"``).
+        class_name: Class noun of ``class-name`` (default: the dataset's ``class_name``; for a
+            PolypDataset that mixes tasks, each item's own task class name; else ``"polyp"``).
         progress: Show a progress bar per style.
         amp: bf16 autocast on CUDA.
         resolution: Where metrics are computed (see :func:`evaluate_model`).
@@ -294,6 +308,8 @@ def evaluate_prompt_styles(
         if template is None:
             ev = evaluate_model(model, _caption_view(dataset), **kwargs)
             runs[style] = (ORACLE_LABEL, ev)
+        elif style == "class-name" and class_name is None and (per_task := _class_view(dataset)) is not None:
+            runs[style] = (CLASS_PER_TASK_LABEL, evaluate_model(model, per_task, **kwargs))
         else:
             prompt = template.format(class_name=name)
             runs[style] = (prompt, evaluate_model(model, dataset, prompt=prompt, **kwargs))

@@ -13,7 +13,7 @@ from server.loop import evaluation_sets
 from shared_model.config import (ConfigError, DataConfig, FederationConfig, PartitionConfig, TrainConfig, check_data,
                                  from_run_config, to_run_config)
 from shared_model.data import build_datasets, evaluation_dataset, list_samples
-from shared_model.data import dataset as dataset_module
+from shared_model.data.tasks import Task
 from simulation.comparison import _dataset as comparison_dataset
 
 
@@ -43,7 +43,7 @@ def test_no_evaluation_path_uses_ground_truth_captions_by_default(synthetic_root
     def no_caption(*args, **kwargs):
         raise AssertionError("a scored set built a caption from its ground-truth mask")
 
-    monkeypatch.setattr(dataset_module, "attribute_caption", no_caption)
+    monkeypatch.setattr(Task, "caption", no_caption)  # every task's caption, polyps' included
     data = _data(synthetic_root)
     built = build_datasets(data, 32)
     with pytest.raises(AssertionError, match="ground-truth mask"):  # training keeps its captions

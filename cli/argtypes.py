@@ -69,6 +69,19 @@ def image_size(text: str) -> int:
     return value
 
 
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items -> ``{KEY: VALUE}`` (values are parsed later, as YAML scalars)."""
+    from shared_model.config import ConfigError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. federation.num_server_rounds=2)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, help: str,
                 description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand with a one-line ``help`` and a ``--help`` description (``help`` as a sentence if none)."""

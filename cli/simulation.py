@@ -12,21 +12,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cli.argtypes import add_command
-from shared_model.config import ConfigError
+from cli.argtypes import add_command, parse_set as _parse_set
 from simulation.experiment import DEFAULT_CONFIG
 from simulation.runner import simulate
-
-
-
-def _parse_set(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. federation.num_server_rounds=2)")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value
-    return out
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

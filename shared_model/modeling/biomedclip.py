@@ -26,6 +26,7 @@ says so, a warning when the text tower has a BiomedBERT-size embedding table (th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from typing import Any, Iterator
 
 import open_clip
 import timm
+import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import HFTokenizer
@@ -146,6 +148,36 @@ def preset_folder(cfg: ClipConfig) -> Path:
     })
 
 
+def write_clip_folder(dest: str | Path, model: nn.Module, cfg: ClipConfig, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` (an open_clip model built for ``cfg``) as an open_clip folder that ``model.clip.checkpoint``
+    loads: :func:`preset_folder`'s config, BERT config and tokenizer files, and ``open_clip_pytorch_model.bin``.
+
+    The text config names the folder itself (``"."``) as the text tower and tokenizer: open_clip reads a
+    ``local-dir:`` folder's tokenizer from the folder, and :func:`create_open_clip` its ``config.json``.
+
+    Args:
+        dest: The folder (created; files of the same names are replaced).
+        model: The open_clip ``CustomTextCLIP``.
+        cfg: Its config (sizes; ``checkpoint`` is ignored).
+        dtype: Storage dtype of floating-point weights (e.g. ``torch.float16``); None keeps theirs.
+
+    Returns:
+        ``dest`` as a Path.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    source = preset_folder(dataclasses.replace(cfg, checkpoint=None))
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json"):
+        (dest / name).write_text((source / name).read_text())
+    config = json.loads((source / CONFIG_NAME).read_text())
+    config["model_cfg"]["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
+    (dest / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().clone()
+             for k, v in model.state_dict().items()}
+    torch.save(state, dest / "open_clip_pytorch_model.bin")
+    return dest
+
+
 def _validate(cfg: ClipConfig) -> None:
     v, t = cfg.vision, cfg.text
     checks = [
@@ -244,6 +276,7 @@ def create_open_clip(cfg: ClipConfig) -> tuple[nn.Module, HFTokenizer, Path]:
         level = logging.WARNING if cfg.text.vocab_size >= BIOMEDBERT_VOCAB_SIZE else logging.INFO
         logger.log(level, "model.clip: no checkpoint, random weights; the tokenizer is the packaged tiny "
                    "vocabulary (%s), not BiomedBERT's, which comes with a BiomedCLIP folder", folder / "vocab.txt")
+    _timm_vit(cfg.vision)  # a folder written for a size without a timm name (tiny) names the one registered here
     bert_dir = folder if (folder / "config.json").is_file() else _write_folder({"config.json": _bert_config(cfg.text)})
     text_cfg = _text_cfg(folder) | {"hf_model_name": str(bert_dir), "hf_model_pretrained": False}
     # open_clip's warnings that a preset folder has no weights say what the line above says.

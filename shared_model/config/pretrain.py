@@ -1,0 +1,176 @@
+"""The ``pretrain`` command's YAML: the foundation every federated run adapts.
+
+A pretraining file has four sections, parsed strictly like the others (an unknown key or a wrong
+type raises :class:`~shared_model.config.ConfigError` naming the file and the dotted field)::
+
+    model: {preset: tiny}                      # the architecture whose every weight is trained
+    data:                                      # public task folders (training splits only)
+      sources:
+        - {root: ../shared/data/tasks, centres: [busi], task: breast-tumour}
+        - {root: ../shared/data/tasks, centres: [retina_vessels], task: retinal-vessels}
+    scenes: {frames: 2000, seed: 0}            # synthetic scenes, generated in memory
+    pretrain: {steps: 3000, batch_size: 16, lr: 0.0003, seed: 0, ...}      # PretrainTrainConfig
+    forbidden_roots: [../shared/data/polyp]    # data no source may come from (the federation's)
+
+:func:`pretrain_fingerprint` is the sha256 of the canonical JSON of the parsed config without the
+fields that only say how a run is watched or interrupted (:data:`RUNTIME_FIELDS`): equal
+fingerprints mean the same foundation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared_model.config.model import ModelConfig, model_config_from_dict
+from shared_model.config.experiment import apply_overrides
+from shared_model.config.parse import ConfigError, _coerce, _raise_first, blame_overrides, from_dict, load_yaml, to_dict
+from shared_model.config.site import DataConfig, check_data
+
+SECTIONS = ("model", "data", "scenes", "pretrain", "forbidden_roots")
+DEFAULT_FORBIDDEN_ROOTS = ("../shared/data/polyp",)
+# Fields of ``pretrain`` that do not change the weights a run produces (time_limit_s only stops a
+# run early; the provenance records the steps actually taken).
+RUNTIME_FIELDS = ("progress", "log_every", "save_every", "time_limit_s")
+
+
+@dataclass
+class ScenesConfig:
+    """Synthetic scenes (:class:`~shared_model.data.scene_dataset.SceneDataset`), drawn in memory."""
+
+    frames: int = 1000  # 0 = no scenes
+    seed: int = 0
+
+
+@dataclass
+class PretrainTrainConfig:
+    """Optimisation, batch composition and prompts of pretraining.
+
+    Each step draws ``batch_size`` items: a fraction ``task_fraction`` from the task folders (each
+    task folder equally likely when ``balance_centres``, else in proportion to its size), the rest
+    from the scenes; and one prompt kind for the whole batch, ``box`` / ``point`` / ``text`` in
+    proportion to ``prompt_weights``.
+    """
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0  # weights' initialisation, batches, prompts, augmentation, dropout
+    amp: bool = True  # bf16 autocast on CUDA
+    task_fraction: float = 0.5
+    balance_centres: bool = True
+    # Weights of the prompt kinds (box, point, text), per batch.
+    prompt_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 2.0])
+    box_jitter: float = 0.1  # box corners move by up to this fraction of the box side
+    negative_point: float = 0.5  # probability of a background click next to the foreground one
+    class_prompt_fraction: float = 0.5  # text prompts of task items: the class name, else the caption
+    # Loss weights: SAM's mask (Dice + BCE), its IoU head, and the CLIP contrastive loss.
+    dice: float = 1.0
+    bce: float = 1.0
+    iou: float = 1.0
+    clip: float = 1.0
+    clip_on_scenes: bool = False  # scene prompts name one target, not the image: no CLIP pairs by default
+    half_precision: bool = True  # store the output weights in float16 (loaded as float32)
+    # How the run is watched and interrupted (not part of the fingerprint):
+    progress: bool = True
+    log_every: int = 50
+    save_every: int = 200  # write the resumable state every N steps (and at the end)
+    time_limit_s: float = 0.0  # stop after this many seconds, state saved (0 = no limit)
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run: the model to build, the public data, the scenes and the optimisation."""
+
+    model: ModelConfig
+    data: DataConfig
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    pretrain: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+    forbidden_roots: list[str] = field(default_factory=lambda: list(DEFAULT_FORBIDDEN_ROOTS))
+
+
+def pretrain_config_from_dict(data: dict[str, Any], source: str = "config") -> PretrainConfig:
+    """Parse a pretraining mapping strictly, naming ``source`` in errors.
+
+    ``data.sources`` must be given (the single-root form defaults to the polyp folder).
+    """
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: {sorted(SECTIONS)}")
+    try:
+        cfg = PretrainConfig(
+            model=model_config_from_dict(data.get("model")),
+            data=from_dict(DataConfig, data.get("data") or {}, "data"),
+            scenes=from_dict(ScenesConfig, data.get("scenes") or {}, "scenes"),
+            pretrain=from_dict(PretrainTrainConfig, data.get("pretrain") or {}, "pretrain"),
+            forbidden_roots=_coerce(data.get("forbidden_roots", list(DEFAULT_FORBIDDEN_ROOTS)), list[str],
+                                    "forbidden_roots"),
+        )
+        check_pretrain(cfg)
+        return cfg
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_pretrain_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PretrainConfig:
+    """Read a pretraining YAML with dotted ``overrides`` (``pretrain.steps=20``; values parsed as YAML).
+
+    Raises:
+        ConfigError: Naming the file and field, or the ``--set`` override to blame.
+    """
+    raw = load_yaml(path)
+    try:
+        return pretrain_config_from_dict(apply_overrides(raw, overrides), str(path))
+    except ConfigError as err:
+        if not overrides:
+            raise
+        raise blame_overrides(err, str(path), overrides, lambda: pretrain_config_from_dict(raw, str(path))) from None
+
+
+def check_pretrain(cfg: PretrainConfig) -> None:
+    """Ranges and choices of a :class:`PretrainConfig`, raising ConfigError naming the field."""
+    check_data(cfg.data)
+    if not cfg.data.sources and cfg.scenes.frames == 0:
+        raise ConfigError("data.sources: name the public task folders (or set scenes.frames > 0)")
+    t = cfg.pretrain
+    _raise_first([
+        ("steps", t.steps >= 1, "must be >= 1"),
+        ("batch_size", t.batch_size >= 2, "must be >= 2 (the contrastive loss needs pairs)"),
+        ("lr", t.lr > 0, "must be > 0"),
+        ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+        ("grad_clip", t.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+        ("task_fraction", 0.0 <= t.task_fraction <= 1.0, "must be in [0, 1]"),
+        ("prompt_weights", len(t.prompt_weights) == 3 and min(t.prompt_weights) >= 0 and sum(t.prompt_weights) > 0,
+         "expected 3 weights >= 0 (box, point, text), not all 0"),
+        ("box_jitter", 0.0 <= t.box_jitter < 1.0, "must be in [0, 1)"),
+        ("negative_point", 0.0 <= t.negative_point <= 1.0, "must be in [0, 1]"),
+        ("class_prompt_fraction", 0.0 <= t.class_prompt_fraction <= 1.0, "must be in [0, 1]"),
+        ("dice", t.dice >= 0, "must be >= 0"),
+        ("bce", t.bce >= 0, "must be >= 0"),
+        ("iou", t.iou >= 0, "must be >= 0"),
+        ("clip", t.clip >= 0, "must be >= 0"),
+        ("log_every", t.log_every >= 1, "must be >= 1"),
+        ("save_every", t.save_every >= 1, "must be >= 1"),
+        ("time_limit_s", t.time_limit_s >= 0, "must be >= 0 (0 = no limit)"),
+    ], "pretrain.")
+    _raise_first([("frames", cfg.scenes.frames >= 0, "must be >= 0 (0 = no scenes)")], "scenes.")
+    if cfg.scenes.frames == 0 and t.task_fraction < 1.0:
+        raise ConfigError("pretrain.task_fraction: must be 1 when scenes.frames is 0 (no scenes to draw)")
+    if not cfg.data.sources and t.task_fraction > 0.0:
+        raise ConfigError("pretrain.task_fraction: must be 0 without data.sources (no task folders to draw)")
+
+
+def pretrain_fingerprint(cfg: PretrainConfig) -> str:
+    """sha256 (hex) of the canonical JSON of ``cfg`` without :data:`RUNTIME_FIELDS`."""
+    data = to_dict(cfg)
+    for name in RUNTIME_FIELDS:
+        data["pretrain"].pop(name)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

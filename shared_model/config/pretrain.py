@@ -72,7 +72,7 @@ class PretrainTrainConfig:
     class_prompt_fraction: float = 0.5  # text prompts of task items: the class name, else the caption
     # Loss weights: SAM's mask (Dice + BCE), its IoU head, and the CLIP contrastive loss.
     dice: float = 1.0
-    bce: float = 1.0
+    bce: float = 0.2  # at 1 the background-dominated BCE drives the first steps to empty masks (LossConfig.bce)
     iou: float = 1.0
     clip: float = 1.0
     clip_on_scenes: bool = False  # scene prompts name one target, not the image: no CLIP pairs by default

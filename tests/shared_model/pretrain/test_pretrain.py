@@ -202,3 +202,4 @@ def test_committed_foundation_is_what_its_config_produces():
         assert record["fingerprint"] == pretrain_fingerprint(cfg), folder
         assert record["complete"] and record["half_precision"]
         assert record["files"] == {name: sha256_file(folder / name) for name in record["files"]}
+

@@ -3,7 +3,8 @@
 ``OUT/sam_<preset>.pth``: segment-anything's state dict (``image_encoder.*``, ``prompt_encoder.*``,
 ``mask_decoder.*``), as ``sam_model_registry`` models have it, for ``model.sam.checkpoint``;
 ``OUT/clip/``: an open_clip folder for ``model.clip.checkpoint``; ``OUT/provenance.json``: what
-made them. Weights may be stored in float16 (loading copies them into float32 parameters).
+made them; ``OUT/text_to_sparse.pt``: the pretraining's own text -> SAM-token projection (float32,
+the layout of PromptSAM's ``prompts.sparse``; nothing loads it yet). Weights may be stored in float16 (loading copies them into float32 parameters).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shared_model.pretrain.model import Foundation
 
 CLIP_FOLDER = "clip"
 PROVENANCE = "provenance.json"
+TEXT_TO_SPARSE = "text_to_sparse.pt"  # the pretraining's text -> SAM-token projection (not loaded by anything yet)
 
 
 def sam_file_name(preset: str) -> str:
@@ -51,7 +53,9 @@ def export_foundation(model: Foundation, out: str | Path, half: bool) -> dict[st
     torch.save(state, tmp)
     tmp.replace(sam_path)
     folder = write_clip_folder(out / CLIP_FOLDER, model.clip, model.clip_cfg, dtype)
-    files = [sam_path] + sorted(p for p in folder.iterdir() if p.is_file())
+    extra = out / TEXT_TO_SPARSE  # no real checkpoint has it; PromptSAM's prompts.sparse has its layout
+    torch.save({k: v.detach().cpu().clone() for k, v in model.text_to_sparse.state_dict().items()}, extra)
+    files = [sam_path] + sorted(p for p in folder.iterdir() if p.is_file()) + [extra]
     return {p.relative_to(out).as_posix(): sha256_file(p) for p in files}
 
 

@@ -48,10 +48,10 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def _save_state(path: Path, step: int, model: Foundation, optimizer: torch.optim.Optimizer, fingerprint: str,
-                seconds: float) -> None:
+                seconds: float, started: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save({"step": step, "fingerprint": fingerprint, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "seconds": seconds}, tmp)
+                "optimizer": optimizer.state_dict(), "seconds": seconds, "started_utc": started}, tmp)
     tmp.replace(path)
 
 
@@ -100,10 +100,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
         model = Foundation(cfg.model)
     model.to(device).train()
     optimizer = _optimizer(model, t.lr, t.weight_decay)
-    start, spent = 0, 0.0
+    start, spent, started = 0, 0.0, _utc_now()
     if resume:
         state = _load_state(state_path, model, optimizer, fingerprint)
-        start, spent = int(state["step"]), float(state["seconds"])
+        start, spent, started = int(state["step"]), float(state["seconds"]), str(state["started_utc"])
     out.mkdir(parents=True, exist_ok=True)
     log.info("pretrain %s: %s items per source; steps %d..%d; fingerprint %s", cfg.model.preset, data.counts(),
              start, t.steps, fingerprint[:16])
@@ -138,7 +138,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
                      "  ".join(f"{k} {last[k]:.4f}" for k in ("total", "dice", "bce", "iou", "clip") if k in last),
                      (time.perf_counter() - began) / (done - start))
         if done % t.save_every == 0 and done < stop:
-            _save_state(state_path, done, model, optimizer, fingerprint, elapsed)
+            _save_state(state_path, done, model, optimizer, fingerprint, elapsed, started)
         if t.time_limit_s > 0 and elapsed > t.time_limit_s:
             log.info("pretrain: time limit %.0f s reached after %d steps", t.time_limit_s, done)
             break
@@ -146,7 +146,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
     if window:
         last = _means(window)
     seconds = spent + time.perf_counter() - began
-    _save_state(state_path, done, model, optimizer, fingerprint, seconds)
+    _save_state(state_path, done, model, optimizer, fingerprint, seconds, started)
     if until is not None and done < t.steps:
         return {"steps": done, "complete": False}
     files = export_foundation(model, out, t.half_precision)
@@ -159,7 +159,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
         "complete": done >= t.steps,
         "seed": t.seed,
         "seconds": round(seconds, 1),
-        "finished_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started_utc": started,
+        "finished_utc": _utc_now(),
         "data": {"sources": [{"root": s.root, "centres": s.centres, "task": s.task} for s in cfg.data.sources],
                  "train_items": data.counts(), "scenes": to_dict(cfg.scenes),
                  "forbidden_roots": cfg.forbidden_roots},
@@ -174,6 +175,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
     }
     write_provenance(out, record)
     return record
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _means(window: list[dict[str, float]]) -> dict[str, float]:

@@ -97,6 +97,8 @@ def test_files_load_through_the_real_weights_paths(foundation):
               "clip.text.transformer.embeddings.word_embeddings.weight")]
     for param, key in pairs:
         assert torch.equal(param.detach(), trained[key].half().float()), key
+    model.prompts.sparse.load_state_dict(torch.load(out / "text_to_sparse.pt", weights_only=True))  # same layout
+    assert torch.equal(model.prompts.sparse.proj.weight.detach(), trained["text_to_sparse.proj.weight"])
     assert not torch.equal(trained["sam.image_encoder.patch_embed.proj.weight"],
                            build_sam_parts(model_cfg.sam, adapters=False).image_encoder.patch_embed.proj.weight)
 
@@ -107,7 +109,8 @@ def test_provenance_records_data_steps_and_fingerprint(foundation):
     assert record["fingerprint"] == pretrain_fingerprint(cfg) and record["complete"] and record["steps"] == 3
     assert record["data"]["train_items"] == {"centre_0": 6, "centre_1": 6, "scenes": len(PretrainData(cfg).scenes)}
     assert record["files"] == {name: sha256_file(out / name) for name in record["files"]}
-    assert "sam_tiny.pth" in record["files"] and "clip/open_clip_pytorch_model.bin" in record["files"]
+    assert {"sam_tiny.pth", "clip/open_clip_pytorch_model.bin", "text_to_sparse.pt"} <= set(record["files"])
+    assert record["started_utc"] <= record["finished_utc"]
     assert {"torch", "open_clip"} <= set(record["versions"]) and record["seed"] == 0
     assert pretrain_config_from_dict(record["config"]) == cfg
 

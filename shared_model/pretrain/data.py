@@ -190,8 +190,8 @@ def sample_points(masks: torch.Tensor, negative: float, rng: np.random.Generator
         rng: The step's generator.
 
     Returns:
-        (B x 2 x 2 pixel coordinates (x, y) of the clicked pixels (SAM adds the 0.5), B x 2 labels: 1 foreground, 0 background, -1 no
-        click); an empty mask (or a full one) gives -1 where no pixel of the kind exists.
+        (B x 2 x 2 pixel coordinates (x, y) of the clicked pixels (SAM adds the 0.5), B x 2 labels:
+        1 foreground, 0 background, -1 no click); an empty mask (or a full one) gives -1 where no pixel of the kind exists.
     """
     b = masks.shape[0]
     coords = np.zeros((b, 2, 2), dtype=np.float32)

@@ -4,7 +4,8 @@
 ``mask_decoder.*``), as ``sam_model_registry`` models have it, for ``model.sam.checkpoint``;
 ``OUT/clip/``: an open_clip folder for ``model.clip.checkpoint``; ``OUT/provenance.json``: what
 made them; ``OUT/text_to_sparse.pt``: the pretraining's own text -> SAM-token projection (float32,
-the layout of PromptSAM's ``prompts.sparse``; nothing loads it yet). Weights may be stored in float16 (loading copies them into float32 parameters).
+the layout of PromptSAM's ``prompts.sparse``; nothing loads it yet). Weights may be stored in
+float16 (loading copies them into float32 parameters).
 """
 
 from __future__ import annotations

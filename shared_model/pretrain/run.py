@@ -111,38 +111,40 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
     began, window, last = time.perf_counter(), [], {}
     stop = min(t.steps, until) if until is not None else t.steps
     done = start
-    bar = tqdm(range(start, stop), desc="pretrain", disable=not t.progress, initial=start, total=stop)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * warmup_cosine(step, t.warmup_steps, t.steps)
-        batch = data.batch(step)
-        batch.images = batch.images.to(device)
-        torch.manual_seed(_step_seed(t.seed, step))
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_for(device, t.amp):
-            loss, parts = model.losses(batch, t)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite pretraining loss at step {step}: {parts}")
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        optimizer.step()
-        model.clamp_logit_scale()
-        window.append(parts)
-        bar.set_postfix(loss=f"{parts['total']:.3f}")
-        done = step + 1
-        elapsed = spent + time.perf_counter() - began
-        if done % t.log_every == 0 or done == stop:
-            last, window = _means(window), []
-            log.info("step %d/%d  %s  %.2f s/step", done, t.steps,
-                     "  ".join(f"{k} {last[k]:.4f}" for k in ("total", "dice", "bce", "iou", "clip") if k in last),
-                     (time.perf_counter() - began) / (done - start))
-        if done % t.save_every == 0 and done < stop:
-            _save_state(state_path, done, model, optimizer, fingerprint, elapsed, started)
-        if t.time_limit_s > 0 and elapsed > t.time_limit_s:
-            log.info("pretrain: time limit %.0f s reached after %d steps", t.time_limit_s, done)
-            break
-    bar.close()
+    # The steps seed torch's generators (dropout) themselves; the caller's generators are left as they were.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        bar = tqdm(range(start, stop), desc="pretrain", disable=not t.progress, initial=start, total=stop)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = t.lr * warmup_cosine(step, t.warmup_steps, t.steps)
+            batch = data.batch(step)
+            batch.images = batch.images.to(device)
+            torch.manual_seed(_step_seed(t.seed, step))
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_for(device, t.amp):
+                loss, parts = model.losses(batch, t)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite pretraining loss at step {step}: {parts}")
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            model.clamp_logit_scale()
+            window.append(parts)
+            bar.set_postfix(loss=f"{parts['total']:.3f}")
+            done = step + 1
+            elapsed = spent + time.perf_counter() - began
+            if done % t.log_every == 0 or done == stop:
+                last, window = _means(window), []
+                log.info("step %d/%d  %s  %.2f s/step", done, t.steps,
+                         "  ".join(f"{k} {last[k]:.4f}" for k in ("total", "dice", "bce", "iou", "clip") if k in last),
+                         (time.perf_counter() - began) / (done - start))
+            if done % t.save_every == 0 and done < stop:
+                _save_state(state_path, done, model, optimizer, fingerprint, elapsed, started)
+            if t.time_limit_s > 0 and elapsed > t.time_limit_s:
+                log.info("pretrain: time limit %.0f s reached after %d steps", t.time_limit_s, done)
+                break
+        bar.close()
     if window:
         last = _means(window)
     seconds = spent + time.perf_counter() - began

@@ -167,6 +167,6 @@ def run_ablation(config: str | Path, out: str | Path, overrides: Mapping[str, An
                 record(a[1], a[2], future.result())
     from simulation.ablation_report import write_tables
 
-    files = write_tables(out, results, cfg, centres, exp)
+    files = write_tables(out, results, cfg, centres, exp, {row: label for row, (label, _) in ROWS.items()})
     echo("wrote " + ", ".join(str(f) for f in files))
     return results

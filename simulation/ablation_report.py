@@ -63,9 +63,9 @@ def _baseline(results: dict[str, Any], centre: str | None, key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def markdown(results: dict[str, Any], rows: list[str], centres: list[str], cfg: Any, exp: Any) -> str:
-    from simulation.ablation import ROWS
-
+def markdown(results: dict[str, Any], rows: list[str], centres: list[str], cfg: Any, exp: Any,
+             labels: dict[str, str]) -> str:
+    """The ablation as Markdown: Dice and HD95 per row and test centre, then the box agreement."""
     summary = summary_rows(results, rows, centres)
     tests = [*centres, POOLED]
     env = results.get("environment", {})
@@ -85,7 +85,7 @@ def markdown(results: dict[str, Any], rows: list[str], centres: list[str], cfg: 
             if timing is None:
                 continue
             cells = [_cell(summary, row, t, metric, digits) for t in tests]
-            lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) +
+            lines.append(f"| {labels[row]} | " + " | ".join(cells) +
                          f" | {timing['seconds_per_step']:.3f} | {timing['trainable']:,} |")
         base = [f"{_baseline(results, None if t == POOLED else t, metric):.{digits}f}" for t in tests]
         lines += ["| constant mask (mean training mask) | " + " | ".join(base) + " | - | 0 |", ""]
@@ -99,16 +99,19 @@ def markdown(results: dict[str, Any], rows: list[str], centres: list[str], cfg: 
         for row in box_rows:
             cells = [f"{_cell(summary, row, t, 'box_hit', 2)} / {_cell(summary, row, t, 'box_coverage', 2)}"
                      for t in tests]
-            lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {labels[row]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def write_tables(out: Path, results: dict[str, Any], cfg: Any, centres: list[str], exp: Any) -> list[Path]:
-    """Write ``ablation.md`` and ``ablation.csv`` into ``out``; return their paths."""
+def write_tables(out: Path, results: dict[str, Any], cfg: Any, centres: list[str], exp: Any,
+                 labels: dict[str, str]) -> list[Path]:
+    """Write ``ablation.md`` and ``ablation.csv`` into ``out``; return their paths.
+
+    ``labels`` maps a row name to the label its table row shows."""
     rows = [r for r in cfg.rows if any(j["row"] == r for j in results["jobs"].values())]
     md = out / "ablation.md"
-    md.write_text(markdown(results, rows, centres, cfg, exp))
+    md.write_text(markdown(results, rows, centres, cfg, exp, labels))
     table = summary_rows(results, rows, centres)
     path = out / "ablation.csv"
     with path.open("w", newline="") as f:

@@ -7,6 +7,10 @@ from typing import Any, Callable
 
 from shared_model.config.parse import ConfigError, merge
 
+# sam.attention values that select an implementation of this project's encoder attention
+# (shared_model.modeling.sam_attention); "sam" keeps segment-anything's own forward.
+ATTENTION_IMPLS = ("auto", "eager", "sdpa")
+
 
 @dataclass
 class SamConfig:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from shared_model.config import ConfigError, SamConfig
+from shared_model.config import ATTENTION_IMPLS, ConfigError, SamConfig
 from shared_model.modeling.lora import add_lora, freeze, linear_names, unfreeze_lora
-from shared_model.modeling.sam_attention import ATTENTION_IMPLS, use_activation_checkpointing, use_attention
+from shared_model.modeling.sam_attention import use_activation_checkpointing, use_attention
 
 ATTENTION_MODES = (*ATTENTION_IMPLS, "sam")
 DECODER_MODES = ("lora", "train", "frozen")

@@ -50,13 +50,18 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
     from shared_model.benchmarks.step import saved_activation_bytes
 
+    load_start, results = load_average(), []
     for size in args.image_size or [None]:
         for checkpointing in (False, True):
             result = saved_activation_bytes(args.preset, size, args.batch, checkpointing,
                                             torch_dtype(args.dtype), device=args.device, attention=args.attention)
             print(json.dumps(result), flush=True)
+            results.append(result)
+    if args.out:  # byte counts: no timing, so no warm-up
+        write_bench_record(args.out, bench_record(args.argv, 0, results, load_start))
     return 0
 
 
@@ -149,6 +154,7 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     b.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa",
                    help="sam.attention (default: sdpa, what auto uses on CUDA)")
+    b.add_argument("--out", help="also write FILE.json: the command, machine and results")
     b.set_defaults(func=cmd_bench_memory)
     b = add_command(bench, "dp", "DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
     common(b)

@@ -74,6 +74,7 @@ def bench_attention(
             vs[impl] = {**r, "verdict": verdict(r)}
         results.append({
             "image_size": size, "batch_size": batch, "device": str(dev), "threads": torch.get_num_threads(),
+            "warmup": warmup, "repeats": repeats,
             "seconds": times, "vs_sam": vs,
             "max_abs_diff": {impl: float((o - outs["sam"]).abs().max()) for impl, o in outs.items()},
         })

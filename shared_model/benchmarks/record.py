@@ -108,7 +108,7 @@ def step_summary(record: dict[str, Any]) -> str:
             f"{r['sam_path']['images_per_s']:.2f} img/s, full pipeline {r['full']['images_per_s']:.2f} img/s (median "
             f"wall time); SAM path / plain: {_both(r, 'sam_path_vs_plain')}; full pipeline / SAM path: "
             f"{_both(r, 'full_vs_sam_path')}; {r['repeats']} interleaved repeats after {record['warmup']} warm-up, "
-            f"ratios paired by repeat (median, min-max, IQR); attention `{r['attention']}`; "
+            f"ratios paired by repeat (median, min-max, IQR); attention `{r['attention']}` ({r['attention_resolved']}); "
             f"{r['plain']['gflop_per_step']:.2f} GFLOP per plain step; max logit difference "
             f"{r['max_abs_diff_sam_paths']:.0e}; " + _conditions(record))
 
@@ -130,11 +130,21 @@ def attention_summary(record: dict[str, Any]) -> str:
         + ", ".join(f"{impl} / sam **{ratio_text(v)}**" for impl, v in r["vs_sam"].items())
         for r in record["results"])
     return (f"image encoder forward + backward, speed relative to segment-anything's attention (wall time): "
-            f"{sizes}; {record['results'][0]['seconds']['sam']['wall']['repeats']} interleaved repeats after "
+            f"{sizes}; {record['results'][0]['repeats']} interleaved repeats after "
             f"{record['warmup']} warm-up; " + _conditions(record))
 
 
-SUMMARIES = {"step": step_summary, "dp": dp_summary, "attention": attention_summary}
+def memory_summary(record: dict[str, Any]) -> str:
+    """The README's line for a ``bench memory --out`` record: bytes kept for backward, per setting."""
+    r0 = record["results"][0]
+    rows = "; ".join(
+        f"{r['dtype']}{' + activation checkpointing' if r['activation_checkpointing'] else ''}: SAM path "
+        f"{r['sam_path_gib']:.2f} GiB, full pipeline {r['full_gib']:.2f} GiB" for r in record["results"])
+    return (f"activations kept for backward, {r0['preset']} preset, {r0['image_size']} px, batch {r0['batch_size']}, "
+            f"attention `{r0['attention']}`: {rows}; `{record['command']}`; torch {record['machine']['torch']}")
+
+
+SUMMARIES = {"step": step_summary, "dp": dp_summary, "attention": attention_summary, "memory": memory_summary}
 
 
 def summary(record: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from shared_model.benchmarks.timing import interleaved, paired_ratio, verdict
 from shared_model.config import ModelConfig, SamConfig, get_preset, merge
 from shared_model.modeling.prompt_sam import build_model
 from shared_model.modeling.sam import SamParts, build_sam_parts
+from shared_model.modeling.sam_attention import resolve_attention
 
 
 def plain_recipe(cfg: SamConfig, adapters: bool = True) -> SamParts:
@@ -233,6 +234,7 @@ def bench_step(
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "bf16_autocast": bool(amp and dev.type == "cuda"), "compiled_encoder": compile_encoder,
         "activation_checkpointing": activation_checkpointing, "attention": cfg.sam.attention,
+        "attention_resolved": resolve_attention(cfg.sam.attention, dev),
         "max_abs_diff_sam_paths": float(diff), "warmup": warmup, "repeats": steps, "interleaved": True,
     }
     for key, (name, module, loss_fn, fused) in ways.items():

@@ -112,10 +112,12 @@ RECORDS = sorted((REPO / "docs" / "bench").glob("*.json"))
 @pytest.mark.parametrize("path", RECORDS, ids=[p.name for p in RECORDS])
 def test_readme_quotes_the_committed_benchmark_records(path):
     record = json.loads(path.read_text())
-    assert record["warmup"] >= 1
-    assert all(r.get("repeats", r.get("steps", 5)) >= 5 for r in record["results"])
+    if not record["command"].startswith("promptsam bench memory"):  # byte counts are not timed
+        assert record["warmup"] >= 1
+        assert all(r.get("repeats", r.get("steps")) >= 5 for r in record["results"])
     line = summary(record)
-    assert line in (REPO / "README.md").read_text(), f"README.md does not quote docs/bench/{path.name}: {line}"
+    docs = (REPO / "README.md").read_text() + (REPO / "deploy" / "PRIVACY.md").read_text()
+    assert line in docs, f"neither README.md nor deploy/PRIVACY.md quotes docs/bench/{path.name}: {line}"
 
 
 def test_bench_all_script_regenerates_every_committed_record():

@@ -7,8 +7,9 @@ same function two ways:
 
 * ``eager``: the same steps, with the bias ``rel_h + rel_w`` built once and the scores computed as
   ``baddbmm(bias, q, k^T, alpha=scale)`` (one fused kernel, one temporary fewer). On CPU at
-  128-512 px it is not slower than segment-anything's own forward, and the SDPA path is
-  (``promptsam bench attention``): PyTorch's CPU SDPA kernels gain nothing from an additive mask.
+  128-512 px its median is at or above segment-anything's own forward and the SDPA path's
+  (``promptsam bench attention``, docs/bench/attention_cpu.json): PyTorch's CPU SDPA kernels gain
+  nothing from an additive mask.
 * ``sdpa``: ``F.scaled_dot_product_attention`` with the rel-pos terms materialised as the
   additive ``attn_mask``, which lets PyTorch pick a fused CUDA kernel (no stored softmax).
 * ``auto``: ``sdpa`` on CUDA, ``eager`` elsewhere, decided from the input's device at each call.

@@ -132,18 +132,21 @@ def _train_step(module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], fu
     return step, sum(p.numel() for p in params)
 
 
-def _profile(step: Callable[[], None], device: torch.device) -> tuple[float, float | None]:
-    """FLOPs of one step (``torch.utils.flop_counter``) and the peak GPU memory of another (GiB, CUDA only)."""
+def _profile(step: Callable[[], None], device: torch.device) -> tuple[float, float | None, float | None]:
+    """FLOPs of one step (``torch.utils.flop_counter``); on CUDA the peak GPU memory of another step
+    and what was allocated before it (GiB: the three ways' weights, gradients and optimiser states
+    stay resident side by side, so the step's own peak is about the difference plus its own share)."""
     with FlopCounterMode(display=False) as counter:
         step()
-    peak = None
+    peak = resident = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device) / 2**30
         step()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-    return counter.get_total_flops(), peak
+    return counter.get_total_flops(), peak, resident
 
 
 def bench_step(
@@ -239,10 +242,10 @@ def bench_step(
     }
     for key, (name, module, loss_fn, fused) in ways.items():
         step, trainable = _train_step(module, loss_fn, fused, dev)
-        flops, peak = _profile(step, dev)
+        flops, peak, resident = _profile(step, dev)
         steps_by_way[key] = step
         results[key] = {"name": name, "gflop_per_step": flops / 1e9, "peak_gpu_gib": peak,
-                        "trainable_params": trainable}
+                        "gpu_allocated_before_gib": resident, "trainable_params": trainable}
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     times = interleaved(steps_by_way, warmup, steps, sync=sync)
     for key, t in times.items():

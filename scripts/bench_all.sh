@@ -35,6 +35,7 @@ run bench dp --preset tiny --batch 8 --device cpu --warmup 2 --steps 7 --threads
 run bench dp --preset tiny --batch 16 --device cpu --warmup 1 --steps 5 --threads 2 \
     --out docs/bench/dp_tiny_b16_threads2.json
 # Activation memory (bytes autograd keeps; not timed, the load does not matter), base preset at 1024 px.
+# Needs about 16 GiB of free RAM (the process peaks near 16 GiB).
 run bench memory --preset base --image-size 1024 --batch 1 --dtype float32 --out docs/bench/memory_base_fp32.json
 run bench memory --preset base --image-size 1024 --batch 1 --dtype bfloat16 --out docs/bench/memory_base_bf16.json
 

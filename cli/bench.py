@@ -133,7 +133,8 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
     b.add_argument("--image-size", type=image_size, nargs="*", help="e.g. 512 1024 (default: the preset's)")
     b.add_argument("--batch", type=positive_int, default=4, help="images per step (default: 4)")
-    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats, interleaved (median, min, max and IQR are reported)")
+    b.add_argument("--steps", type=positive_int, default=5,
+                   help="timed repeats, interleaved (median, min, max and IQR are reported)")
     b.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
@@ -160,7 +161,8 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     common(b)
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
     b.add_argument("--batch", type=positive_int, default=8, help="images per step (default: 8)")
-    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats, interleaved (median, min, max and IQR are reported)")
+    b.add_argument("--steps", type=positive_int, default=5,
+                   help="timed repeats, interleaved (median, min, max and IQR are reported)")
     b.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES),

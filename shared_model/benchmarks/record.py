@@ -108,7 +108,8 @@ def step_summary(record: dict[str, Any]) -> str:
             f"{r['sam_path']['images_per_s']:.2f} img/s, full pipeline {r['full']['images_per_s']:.2f} img/s (median "
             f"wall time); SAM path / plain: {_both(r, 'sam_path_vs_plain')}; full pipeline / SAM path: "
             f"{_both(r, 'full_vs_sam_path')}; {r['repeats']} interleaved repeats after {record['warmup']} warm-up, "
-            f"ratios paired by repeat (median, min-max, IQR); attention `{r['attention']}` ({r['attention_resolved']}); "
+            f"ratios paired by repeat (median, min-max, IQR); "
+            f"attention `{r['attention']}` ({r['attention_resolved']}); "
             f"{r['plain']['gflop_per_step']:.2f} GFLOP per plain step; max logit difference "
             f"{r['max_abs_diff_sam_paths']:.0e}; " + _conditions(record))
 

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 # torch/torchvision pinned to the builds available offline on the project machines;
 # -qq on the editable install: without setuptools' editable-install banner.
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Regenerates docs/bench/*.json (the figures README.md and deploy/PRIVACY.md quote): run on an idle machine.
+bench: $(STAMP)
+	PROMPTSAM=$(BIN)/promptsam scripts/bench_all.sh
 
 clean:
 	rm -rf runs .pytest_cache

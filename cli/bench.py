@@ -1,4 +1,4 @@
-"""``promptsam bench ...``: the benchmarks (step, memory, dp, round), each printing JSON."""
+"""``promptsam bench ...``: the benchmarks (step, memory, dp, attention, round), each printing JSON."""
 
 from __future__ import annotations
 
@@ -8,14 +8,27 @@ import sys
 from typing import Callable
 
 from cli.argtypes import add_command, image_size, non_negative_int, positive_int
-from shared_model.config import PRESETS
+from shared_model.config import ATTENTION_IMPLS, GRAD_SAMPLE_MODES, PRESETS
+
+
+def start_timing(args: argparse.Namespace) -> list[float] | None:
+    """Pin torch's threads to ``--threads``, warn on stderr when the machine is busy; the load average."""
+    from shared_model.benchmarks.record import load_average
+    from shared_model.benchmarks.timing import busy_warning, pin_threads
+
+    threads = pin_threads(args.threads)
+    load = load_average()
+    warning = busy_warning(load, threads)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return load
 
 
 def cmd_bench_step(args: argparse.Namespace) -> int:
     from shared_model.benchmarks.step import bench_step
-    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
+    from shared_model.benchmarks.record import bench_record, write_bench_record
 
-    load_start = load_average()
+    load_start = start_timing(args)
     results = []
     for size in args.image_size or [None]:
         result = bench_step(
@@ -27,6 +40,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
             device=args.device,
             compile_encoder=args.compile,
             activation_checkpointing=args.checkpointing,
+            attention=args.attention,
         )
         print(json.dumps(result, indent=2), flush=True)
         results.append(result)
@@ -36,13 +50,18 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
     from shared_model.benchmarks.step import saved_activation_bytes
 
+    load_start, results = load_average(), []
     for size in args.image_size or [None]:
         for checkpointing in (False, True):
             result = saved_activation_bytes(args.preset, size, args.batch, checkpointing,
-                                            torch_dtype(args.dtype), device=args.device)
+                                            torch_dtype(args.dtype), device=args.device, attention=args.attention)
             print(json.dumps(result), flush=True)
+            results.append(result)
+    if args.out:  # byte counts: no timing, so no warm-up
+        write_bench_record(args.out, bench_record(args.argv, 0, results, load_start))
     return 0
 
 
@@ -53,16 +72,30 @@ def torch_dtype(name: str):
 
 
 def cmd_bench_dp(args: argparse.Namespace) -> int:
-    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
-    from shared_model.training.privacy import bench_dp_step, format_bench
+    from shared_model.benchmarks.dp import bench_dp_step, format_bench
+    from shared_model.benchmarks.record import bench_record, write_bench_record
 
-    load_start = load_average()
+    load_start = start_timing(args)
     result = bench_dp_step(args.preset, batch_size=args.batch, steps=args.steps, device=args.device,
-                           warmup=args.warmup)
+                           warmup=args.warmup, modes=args.modes)
     print(format_bench(result), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2), flush=True)
     if args.out:
         write_bench_record(args.out, bench_record(args.argv, args.warmup, [result], load_start))
+    return 0
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from shared_model.benchmarks.attention import bench_attention
+    from shared_model.benchmarks.record import attention_summary, bench_record, write_bench_record
+
+    load_start = start_timing(args)
+    results = bench_attention(args.preset, args.image_size, args.batch, args.warmup, args.steps, args.device)
+    print(json.dumps(results, indent=2), flush=True)
+    record = bench_record(args.argv, args.warmup, results, load_start)
+    print(attention_summary(record), file=sys.stderr, flush=True)
+    if args.out:
+        write_bench_record(args.out, record)
     return 0
 
 
@@ -86,6 +119,12 @@ def cmd_bench_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_timing_options(b: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's intra-op threads, pinned for the run and recorded."""
+    b.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads, pinned and recorded (default: 1, what reproduces on a shared machine)")
+
+
 def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``promptsam bench`` and its benchmarks; ``common`` adds the shared --device/--verbose options."""
     p = add_command(subparsers, "bench", "benchmarks that print JSON")
@@ -94,12 +133,16 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
     b.add_argument("--image-size", type=image_size, nargs="*", help="e.g. 512 1024 (default: the preset's)")
     b.add_argument("--batch", type=positive_int, default=4, help="images per step (default: 4)")
-    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--steps", type=positive_int, default=5,
+                   help="timed repeats, interleaved (median, min, max and IQR are reported)")
     b.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
     b.add_argument("--compile", action="store_true", help="torch.compile the SAM image encoder")
     b.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the SAM encoder blocks (this project's paths)")
+    b.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+                   help="this project's sam.attention (default: the preset's, auto)")
+    add_timing_options(b)
     common(b)
     b.set_defaults(func=cmd_bench_step)
     b = add_command(bench, "memory", "activation bytes kept for backward, with and without checkpointing "
@@ -110,15 +153,35 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="activation dtype (default: float32)")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    b.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa",
+                   help="sam.attention (default: sdpa, what auto uses on CUDA)")
+    b.add_argument("--out", help="also write FILE.json: the command, machine and results")
     b.set_defaults(func=cmd_bench_memory)
     b = add_command(bench, "dp", "DP-SGD step (Opacus clipping + noise) vs the non-DP step, same batch")
     common(b)
     b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
     b.add_argument("--batch", type=positive_int, default=8, help="images per step (default: 8)")
-    b.add_argument("--steps", type=positive_int, default=5, help="timed repeats (median, min and max are reported)")
+    b.add_argument("--steps", type=positive_int, default=5,
+                   help="timed repeats, interleaved (median, min, max and IQR are reported)")
     b.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
+    b.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES),
+                   help="per-example-gradient modes to time (default: all)")
+    add_timing_options(b)
     b.set_defaults(func=cmd_bench_dp)
+    b = add_command(bench, "attention", "SAM image encoder forward + backward with segment-anything's attention "
+                    "and this project's eager and SDPA implementations, interleaved")
+    b.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    b.add_argument("--image-size", type=image_size, nargs="+", default=[128, 256, 512],
+                   help="input sizes (default: 128 256 512)")
+    b.add_argument("--batch", type=positive_int, nargs="+", default=[8, 4, 2],
+                   help="batch per size, as many as sizes (default: 8 4 2)")
+    b.add_argument("--steps", type=positive_int, default=7, help="timed repeats (default: 7)")
+    b.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds before the repeats")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
+    add_timing_options(b)
+    b.set_defaults(func=cmd_bench_attention)
     b = add_command(bench, "round", "one federated round's costs: bytes, aggregation time, "
                                                "Flower overhead (tiny preset, CPU)")
     b.add_argument("--hospitals", type=positive_int, default=3, help="simulated hospitals in the in-process round")

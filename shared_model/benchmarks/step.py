@@ -2,13 +2,12 @@
 
 The plain recipe (REFERENCE.md): LoRA rank 4 on every ``qkv`` of SAM's image encoder, prompt encoder
 and whole mask decoder trainable, segment-anything's attention, the mask decoder run once per image
-(its ``MaskDecoder.forward``), Dice + BCE, ``torch.optim.AdamW``. Both are built in the same process
-and timed on the same batch; FLOPs are counted with ``torch.utils.flop_counter``.
+(its ``MaskDecoder.forward``), Dice + BCE, ``torch.optim.AdamW``. All are built in the same process
+and timed on the same batch, interleaved; FLOPs are counted with ``torch.utils.flop_counter``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -16,10 +15,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from shared_model.modeling import losses as L
-from shared_model.benchmarks.record import ratio_range, spread
+from shared_model.benchmarks.timing import interleaved, paired_ratio, verdict
 from shared_model.config import ModelConfig, SamConfig, get_preset, merge
 from shared_model.modeling.prompt_sam import build_model
 from shared_model.modeling.sam import SamParts, build_sam_parts
+from shared_model.modeling.sam_attention import resolve_attention
 
 
 def plain_recipe(cfg: SamConfig, adapters: bool = True) -> SamParts:
@@ -118,26 +118,9 @@ def sam_path_forward(parts: SamParts, images: torch.Tensor, boxes: torch.Tensor)
     return parts.upscale(low, images.shape[-2:])
 
 
-def _timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device
-                 ) -> tuple[list[float], list[float]]:
-    """Wall and process-CPU seconds of each of ``steps`` timed steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return wall, cpu
-
-
-def _measure(name: str, module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], fused: bool,
-             steps: int, warmup: int, device: torch.device, batch: int) -> dict:
+def _train_step(module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], fused: bool,
+                device: torch.device) -> tuple[Callable[[], None], int]:
+    """A zero_grad + backward + AdamW step over ``module``'s trainable parameters, and their count."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused and device.type == "cuda")
 
@@ -146,25 +129,24 @@ def _measure(name: str, module: torch.nn.Module, loss_fn: Callable[[], torch.Ten
         loss_fn().backward()
         opt.step()
 
+    return step, sum(p.numel() for p in params)
+
+
+def _profile(step: Callable[[], None], device: torch.device) -> tuple[float, float | None, float | None]:
+    """FLOPs of one step (``torch.utils.flop_counter``); on CUDA the peak GPU memory of another step
+    and what was allocated before it (GiB: the three ways' weights, gradients and optimiser states
+    stay resident side by side, so the step's own peak is about the difference plus its own share)."""
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()
+    peak = resident = None
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times, cpu_times = _timed_steps(step, steps, warmup, device)
-    seconds = spread(times)["median"]
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {
-        "name": name,
-        "images_per_s": batch / seconds,
-        "step_ms": seconds * 1000,
-        "step_seconds": spread(times),
-        "step_cpu_seconds": spread(cpu_times),
-        "peak_gpu_gib": peak,
-        "gflop_per_step": flops / 1e9,
-        "achieved_tflops": flops / seconds / 1e12,
-        "trainable_params": sum(p.numel() for p in params),
-    }
+        resident = torch.cuda.memory_allocated(device) / 2**30
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    return counter.get_total_flops(), peak, resident
 
 
 def bench_step(
@@ -178,22 +160,29 @@ def bench_step(
     amp: bool = True,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    attention: str | None = None,
 ) -> dict:
-    """Time one local training step three ways on the same batch.
+    """Time one local training step three ways on the same batch, interleaved.
 
-    Each way runs one untimed step that counts FLOPs, ``warmup`` untimed steps, then ``steps``
-    timed repeats; ``images_per_s`` and ``step_ms`` are from their median wall time. Each repeat's
-    process CPU time is recorded too: on a shared, loaded CPU it varies less than wall time (it
-    does not count waiting for a core), so it compares the ways' work where wall time cannot.
+    The plain recipe, this project's SAM path and the full pipeline are built side by side; each
+    runs one untimed step that counts FLOPs (and one that measures peak GPU memory), then
+    :func:`shared_model.benchmarks.timing.interleaved` runs ``warmup`` untimed rounds and
+    ``steps`` timed rounds, every round one step of each way in turn, so a change of machine
+    load hits all three alike. Ratios are taken repeat by repeat (:func:`paired_ratio`): their
+    median, min, max and quartiles, and a verdict ("faster", "slower" or "no measurable
+    difference" when the min-max range includes 1). Process CPU time is recorded beside wall time
+    (it does not count waiting for a core).
+
+    Args:
+        attention: This project's ``sam.attention`` (default: the preset's, ``auto``).
 
     Returns:
-        JSON-able dict: environment, ``plain`` (SAMed recipe), ``sam_path`` (ours, SAM only),
-        ``full`` (BiomedCLIP + M2IB + CRF + SAM), each with ``step_seconds`` (median, min, max of
-        the repeats); the ratios ``sam_path_vs_plain`` and ``full_vs_sam_path`` (images/s, from
-        the medians) with ``*_range`` (the lowest and highest the repeats allow), the same from
-        CPU time as ``*_cpu`` and ``*_cpu_range``; and
-        ``max_abs_diff_sam_paths`` of the two SAM paths' logits (same weights, see
-        :func:`paired_sam_paths`).
+        JSON-able dict: environment; ``plain`` (SAMed recipe), ``sam_path`` (ours, SAM only),
+        ``full`` (BiomedCLIP + M2IB + CRF + SAM), each with ``images_per_s`` and ``step_ms`` (median
+        wall time), ``step_seconds`` and ``step_cpu_seconds`` (spreads); ``sam_path_vs_plain`` and
+        ``full_vs_sam_path`` (images/s ratios: paired spreads with ``verdict``, wall time) and the
+        same from CPU time as ``*_cpu``; ``max_abs_diff_sam_paths`` of the two SAM paths' logits
+        (same weights, see :func:`paired_sam_paths`).
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench step: --steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
@@ -203,7 +192,8 @@ def bench_step(
     if image_size is not None:
         cfg = merge(cfg, {"sam": {"image_size": image_size}})
     # This project's paths only; the plain recipe stays as published.
-    cfg = merge(cfg, {"sam": {"activation_checkpointing": activation_checkpointing}})
+    cfg = merge(cfg, {"sam": {"activation_checkpointing": activation_checkpointing,
+                              **({"attention": attention} if attention else {})}})
     s = cfg.sam.image_size
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch_size, 3, s, s, generator=g).to(dev)
@@ -219,6 +209,8 @@ def bench_step(
         diff = (plain_forward(plain, images, boxes).float() - sam_path_forward(ours, images, boxes).float()).abs().max()
     if compile_encoder:
         ours.image_encoder = torch.compile(ours.image_encoder)
+    model = build_model(cfg).to(dev).train()
+    texts = ["one medium pink round polyp, located in the centre of the image"] * batch_size
 
     def seg_loss(logits: torch.Tensor) -> torch.Tensor:
         return L.dice_loss(logits.float(), masks) + L.bce_loss(logits.float(), masks)
@@ -231,41 +223,41 @@ def bench_step(
         with autocast:
             return seg_loss(sam_path_forward(ours, images, boxes))
 
-    results = {
-        "preset": preset,
-        "image_size": s,
-        "batch_size": batch_size,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "bf16_autocast": bool(amp and dev.type == "cuda"),
-        "compiled_encoder": compile_encoder,
-        "activation_checkpointing": activation_checkpointing,
-        "max_abs_diff_sam_paths": float(diff),
-        "warmup": warmup,
-        "repeats": steps,
-    }
-    results["plain"] = _measure("plain SAMed recipe", plain, plain_loss, False, steps, warmup, dev, batch_size)
-    del plain
-    results["sam_path"] = _measure("SAM path (ours)", ours, ours_loss, True, steps, warmup, dev, batch_size)
-    del ours
-
-    model = build_model(cfg).to(dev).train()
-    texts = ["one medium pink round polyp, located in the centre of the image"] * batch_size
-
     def full_loss() -> torch.Tensor:
         with autocast:
             out = model(images, texts)
         return model.compute_losses(out, masks)[0]
 
-    results["full"] = _measure("full pipeline", model, full_loss, True, steps, warmup, dev, batch_size)
-    results["sam_path_vs_plain"] = results["sam_path"]["images_per_s"] / results["plain"]["images_per_s"]
-    results["full_vs_sam_path"] = results["full"]["images_per_s"] / results["sam_path"]["images_per_s"]
-    # An images/s ratio a / b is b's step time over a's.
+    ways = {"plain": ("plain SAMed recipe", plain, plain_loss, False),
+            "sam_path": ("SAM path (ours)", ours, ours_loss, True),
+            "full": ("full pipeline", model, full_loss, True)}
+    steps_by_way, results = {}, {
+        "preset": preset, "image_size": s, "batch_size": batch_size,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "bf16_autocast": bool(amp and dev.type == "cuda"), "compiled_encoder": compile_encoder,
+        "activation_checkpointing": activation_checkpointing, "attention": cfg.sam.attention,
+        "attention_resolved": resolve_attention(cfg.sam.attention, dev),
+        "max_abs_diff_sam_paths": float(diff), "warmup": warmup, "repeats": steps, "interleaved": True,
+    }
+    for key, (name, module, loss_fn, fused) in ways.items():
+        step, trainable = _train_step(module, loss_fn, fused, dev)
+        flops, peak, resident = _profile(step, dev)
+        steps_by_way[key] = step
+        results[key] = {"name": name, "gflop_per_step": flops / 1e9, "peak_gpu_gib": peak,
+                        "gpu_allocated_before_gib": resident, "trainable_params": trainable}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    times = interleaved(steps_by_way, warmup, steps, sync=sync)
+    for key, t in times.items():
+        seconds = t["wall"]["median"]
+        results[key].update(images_per_s=batch_size / seconds, step_ms=seconds * 1000,
+                            achieved_tflops=results[key]["gflop_per_step"] / seconds / 1e3,
+                            step_seconds=t["wall"], step_cpu_seconds=t["cpu"])
+    # An images/s ratio a / b is b's step time over a's, repeat by repeat.
     for ratio, (a, b) in {"sam_path_vs_plain": ("sam_path", "plain"), "full_vs_sam_path": ("full", "sam_path")}.items():
-        results[f"{ratio}_range"] = ratio_range(results[b]["step_seconds"], results[a]["step_seconds"])
-        cpu_a, cpu_b = results[a]["step_cpu_seconds"], results[b]["step_cpu_seconds"]
-        results[f"{ratio}_cpu"] = cpu_b["median"] / cpu_a["median"]
-        results[f"{ratio}_cpu_range"] = ratio_range(cpu_b, cpu_a)
+        for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+            r = paired_ratio(times[b][clock]["all"], times[a][clock]["all"])
+            results[ratio + suffix] = {**r, "verdict": verdict(r)}
     return results
 
 
@@ -276,6 +268,7 @@ def saved_activation_bytes(
     activation_checkpointing: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    attention: str = "sdpa",
 ) -> dict:
     """Bytes autograd keeps for backward in one training forward (SAM path and full pipeline).
 
@@ -285,13 +278,14 @@ def saved_activation_bytes(
     ``torch.bfloat16`` runs the forward under bf16 autocast, as training does on a GPU (CPU
     autocast's op lists are close to, not the same as, CUDA's). Peak GPU memory adds weights,
     gradients, optimiser state and workspace; attention kernels may keep a little more or less.
+    ``attention`` is ``sam.attention``; the default ``sdpa`` is what ``auto`` runs on CUDA.
 
     Returns:
-        ``{"preset", "image_size", "batch_size", "activation_checkpointing", "dtype",
+        ``{"preset", "image_size", "batch_size", "activation_checkpointing", "dtype", "attention",
         "sam_path_gib", "full_gib"}``.
     """
     cfg: ModelConfig = get_preset(preset)
-    cfg = merge(cfg, {"sam": {"activation_checkpointing": activation_checkpointing,
+    cfg = merge(cfg, {"sam": {"activation_checkpointing": activation_checkpointing, "attention": attention,
                               **({"image_size": image_size} if image_size else {})}})
     s = cfg.sam.image_size
     dev = torch.device(device)
@@ -321,4 +315,5 @@ def saved_activation_bytes(
     full_gib = measure(model, lambda: model(images, texts).mask_logits)
     return {"preset": preset, "image_size": s, "batch_size": batch_size,
             "activation_checkpointing": activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
+            "attention": attention,
             "sam_path_gib": sam_gib, "full_gib": full_gib}

@@ -16,6 +16,7 @@ from shared_model.config.parse import (  # noqa: F401
     to_dict,
 )
 from shared_model.config.model import (  # noqa: F401
+    ATTENTION_IMPLS,
     BottleneckConfig,
     BoxConfig,
     CRFConfig,
@@ -60,4 +61,4 @@ from shared_model.config.federation import (  # noqa: F401
     to_run_config,
 )
 
-__all__ = ['BottleneckConfig', 'BoxConfig', 'CENTRAL_DP_MODES', 'CRFConfig', 'ClipConfig', 'ClipTextConfig', 'ClipVisionConfig', 'ConfigError', 'DP_ACCOUNTANTS', 'DataConfig', 'FederationConfig', 'GRAD_SAMPLE_MODES', 'LossConfig', 'ModelConfig', 'PARTITION_MODES', 'PRESETS', 'PartitionConfig', 'PrivacyConfig', 'PromptConfig', 'RunSettings', 'STRATEGIES', 'SamConfig', 'SiteExperiment', 'TrainConfig', '_RUN_JSON_KEYS', 'base_config', 'blame_overrides', 'check_data', 'check_federation', 'check_privacy', 'check_train', 'from_dict', 'from_run_config', 'get_preset', 'kebab', 'load_yaml', 'merge', 'model_config_from_dict', 'register_preset', 'site_experiment_from_dict', 'tiny_config', 'to_dict', 'to_run_config']
+__all__ = ['ATTENTION_IMPLS', 'BottleneckConfig', 'BoxConfig', 'CENTRAL_DP_MODES', 'CRFConfig', 'ClipConfig', 'ClipTextConfig', 'ClipVisionConfig', 'ConfigError', 'DP_ACCOUNTANTS', 'DataConfig', 'FederationConfig', 'GRAD_SAMPLE_MODES', 'LossConfig', 'ModelConfig', 'PARTITION_MODES', 'PRESETS', 'PartitionConfig', 'PrivacyConfig', 'PromptConfig', 'RunSettings', 'STRATEGIES', 'SamConfig', 'SiteExperiment', 'TrainConfig', '_RUN_JSON_KEYS', 'base_config', 'blame_overrides', 'check_data', 'check_federation', 'check_privacy', 'check_train', 'from_dict', 'from_run_config', 'get_preset', 'kebab', 'load_yaml', 'merge', 'model_config_from_dict', 'register_preset', 'site_experiment_from_dict', 'tiny_config', 'to_dict', 'to_run_config']

@@ -7,6 +7,10 @@ from typing import Any, Callable
 
 from shared_model.config.parse import ConfigError, merge
 
+# sam.attention values that select an implementation of this project's encoder attention
+# (shared_model.modeling.sam_attention); "sam" keeps segment-anything's own forward.
+ATTENTION_IMPLS = ("auto", "eager", "sdpa")
+
 
 @dataclass
 class SamConfig:
@@ -34,9 +38,10 @@ class SamConfig:
     multimask: bool = False  # train/predict with SAM's multimask outputs (else the single-mask token)
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
-    # Image-encoder attention: "sdpa" (F.scaled_dot_product_attention with the rel-pos bias as
-    # the mask; same parameters and outputs) or "sam" (segment-anything's own forward).
-    attention: str = "sdpa"
+    # Image-encoder attention (same parameters and outputs): "auto" (sdpa on CUDA, eager elsewhere),
+    # "eager" (scores + rel-pos bias in place, fastest on CPU), "sdpa" (F.scaled_dot_product_attention
+    # with the rel-pos bias as the mask) or "sam" (segment-anything's own forward).
+    attention: str = "auto"
     # Recompute each image-encoder block in backward instead of storing its activations
     # (less GPU memory for ~one more encoder forward per step).
     activation_checkpointing: bool = False

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from shared_model.config import ConfigError, SamConfig
+from shared_model.config import ATTENTION_IMPLS, ConfigError, SamConfig
 from shared_model.modeling.lora import add_lora, freeze, linear_names, unfreeze_lora
-from shared_model.modeling.sam_attention import use_activation_checkpointing, use_sdpa_attention
+from shared_model.modeling.sam_attention import use_activation_checkpointing, use_attention
 
-ATTENTION_MODES = ("sam", "sdpa")
+ATTENTION_MODES = (*ATTENTION_IMPLS, "sam")
 DECODER_MODES = ("lora", "train", "frozen")
 
 
@@ -77,8 +77,8 @@ class SamParts(nn.Module):
         )
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), False)
-        if cfg.attention == "sdpa":
-            use_sdpa_attention(self.image_encoder)
+        if cfg.attention != "sam":
+            use_attention(self.image_encoder, cfg.attention)
         if cfg.activation_checkpointing:
             use_activation_checkpointing(self.image_encoder)
         self.adapted = False

@@ -1,11 +1,22 @@
-"""SAM image-encoder attention through ``F.scaled_dot_product_attention``.
+"""SAM image-encoder attention: an eager and an SDPA implementation, chosen per device.
 
-segment-anything's ``Attention.forward`` materialises the softmax matrix itself and adds the
-decomposed relative-position terms to it. :class:`SdpaAttention` computes the same function with
-the rel-pos terms materialised as the additive ``attn_mask`` of SDPA, which lets PyTorch pick a
-fused kernel (no stored softmax for backward). It is a subclass with the same parameters, so
-:func:`use_sdpa_attention` swaps the class of existing modules in place: parameter names, loaded
-weights and injected LoRA layers (``attn.qkv``) are untouched.
+segment-anything's ``Attention.forward`` computes ``softmax(q k^T * scale + rel_h + rel_w) v`` with
+the decomposed relative-position terms ``rel_h`` (B x heads x H x W x H) and ``rel_w`` (... x W)
+broadcast onto the scores, keeping two full-size temporaries. :class:`RelPosAttention` computes the
+same function two ways:
+
+* ``eager``: the same steps, with the bias ``rel_h + rel_w`` built once and the scores computed as
+  ``baddbmm(bias, q, k^T, alpha=scale)`` (one fused kernel, one temporary fewer). On CPU at
+  128-512 px its median is at or above segment-anything's own forward and the SDPA path's
+  (``promptsam bench attention``, docs/bench/attention_cpu.json): PyTorch's CPU SDPA kernels gain
+  nothing from an additive mask.
+* ``sdpa``: ``F.scaled_dot_product_attention`` with the rel-pos terms materialised as the
+  additive ``attn_mask``, which lets PyTorch pick a fused CUDA kernel (no stored softmax).
+* ``auto``: ``sdpa`` on CUDA, ``eager`` elsewhere, decided from the input's device at each call.
+
+It is a subclass with the same parameters, so :func:`use_attention` swaps the class of existing
+modules in place: parameter names, loaded weights and injected LoRA layers (``attn.qkv``) are
+untouched.
 """
 
 from __future__ import annotations
@@ -16,9 +27,20 @@ from segment_anything.modeling.image_encoder import Attention, Block, get_rel_po
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shared_model.config import ATTENTION_IMPLS
 
-class SdpaAttention(Attention):
-    """segment-anything ``Attention`` whose forward uses ``F.scaled_dot_product_attention``."""
+
+def resolve_attention(impl: str, device: torch.device) -> str:
+    """``eager`` or ``sdpa``: ``impl`` itself, or for ``auto`` the one measured fastest on ``device``."""
+    if impl == "auto":
+        return "sdpa" if device.type == "cuda" else "eager"
+    return impl
+
+
+class RelPosAttention(Attention):
+    """segment-anything ``Attention`` with a selectable implementation (``impl``, see the module)."""
+
+    impl: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention with decomposed relative positions.
@@ -31,34 +53,51 @@ class SdpaAttention(Attention):
         """
         b, h, w, _ = x.shape
         heads = self.num_heads
-        # 3 x B x heads x HW x d
-        qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        # 3 x (B heads) x HW x d, contiguous (as segment-anything lays them out)
+        qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
         q, k, v = qkv.unbind(0)
-        mask = None
+        bias = None
         if self.use_rel_pos:
-            rh = get_rel_pos(h, h, self.rel_pos_h)  # H x H x d
-            rw = get_rel_pos(w, w, self.rel_pos_w)  # W x W x d
-            r_q = q.reshape(b, heads, h, w, -1)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
-            # bias[b, n, (qh, qw), (kh, kw)] = rel_h[b, n, qh, qw, kh] + rel_w[b, n, qh, qw, kw]
-            mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, h * w, h * w)
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            r_q = q.view(b * heads, h, w, -1)
+            # Made contiguous (small), the sum below comes out contiguous: no copy of the big bias.
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h)).contiguous()
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w)).contiguous()
+            # bias[(b n), (qh, qw), (kh, kw)] = rel_h[(b n), qh, qw, kh] + rel_w[(b n), qh, qw, kw]
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).view(b * heads, h * w, h * w)
+        if resolve_attention(self.impl, x.device) == "sdpa":
+            mask = None if bias is None else bias.view(b, heads, h * w, h * w).to(q.dtype)
+            four_d = [t.view(b, heads, h * w, -1) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*four_d, attn_mask=mask, scale=self.scale)
+        else:
+            if bias is None:
+                scores = (q * self.scale) @ k.transpose(1, 2)
+            else:  # one fused bias + scale * q k^T
+                scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale)
+            out = scores.softmax(dim=-1) @ v  # (B heads) x HW x d
         out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
 
-def use_sdpa_attention(image_encoder: nn.Module) -> int:
-    """Switch every segment-anything encoder ``Attention`` in ``image_encoder`` to SDPA in place.
+def use_attention(image_encoder: nn.Module, impl: str = "auto") -> int:
+    """Switch every segment-anything encoder ``Attention`` in ``image_encoder`` to ``impl`` in place.
 
     Args:
         image_encoder: A segment-anything ``ImageEncoderViT`` (LoRA-adapted or not).
+        impl: One of :data:`ATTENTION_IMPLS`.
 
     Returns:
         The number of attention modules switched.
+
+    Raises:
+        ValueError: If ``impl`` is unknown (names the config field).
     """
-    return _swap_class(image_encoder, Attention, SdpaAttention)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"sam.attention: expected one of {ATTENTION_IMPLS}, got {impl!r}")
+    count = _swap_class(image_encoder, Attention, RelPosAttention)
+    for module in image_encoder.modules():
+        if isinstance(module, RelPosAttention):
+            module.impl = impl
+    return count
 
 
 class CheckpointedBlock(Block):

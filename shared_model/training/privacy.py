@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import secrets
 import statistics
-import time
 from dataclasses import fields
 from typing import Any, Callable, Iterator, Mapping
 
@@ -38,8 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from shared_model.benchmarks.record import ratio_range, spread
-from shared_model.config import ConfigError, PrivacyConfig, TrainConfig, check_privacy, get_preset
+from shared_model.config import ConfigError, PrivacyConfig, TrainConfig, check_privacy
 from shared_model.training.accounting import (  # noqa: F401 - re-exported: the accounting API lives here too
     AccountantState,
     PrivacyBudgetExceeded,
@@ -52,7 +50,7 @@ from shared_model.training.accounting import (  # noqa: F401 - re-exported: the 
     sample_rate_for,
     spent_epsilon,
 )
-from shared_model.modeling.prompt_sam import PromptSAM, PromptSAMOutput, build_model
+from shared_model.modeling.prompt_sam import PromptSAM, PromptSAMOutput
 from shared_model.training.loop import GradientStep, LRSchedule, TrainResult, autocast_for, resolve_device, train_model
 from shared_model.training.opacus_compat import DPOptimizer, UniformWithReplacementSampler
 
@@ -268,99 +266,3 @@ class DPGradientStep(GradientStep):
         """Clear the per-example gradients and record the step with the accountant."""
         self.dp_optimizer.zero_grad(set_to_none=True)
         self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.sample_rate)
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------------
-
-
-def bench_dp_step(
-    preset: str = "tiny", batch_size: int = 8, steps: int = 3, device: str = "cpu", warmup: int = 1
-) -> dict[str, Any]:
-    """Time one DP-SGD step against one ordinary step on the same batch (random images, box masks).
-
-    Both steps are forward + backward + AdamW on the same model; the DP step adds per-example
-    gradients, clipping and noise (``microbatch`` and ``batched`` modes). ``warmup`` untimed
-    steps each, then the median of ``steps`` timed repeats.
-
-    Returns:
-        ``{"preset", "batch_size", "steps", "warmup", "device", "threads", "non_dp_s",
-        "dp_microbatch_s", "dp_batched_s", "ratio_microbatch", "ratio_batched"}`` (median seconds
-        per step; ratio = DP / non-DP), ``"seconds"`` (median, min, max of each way's repeats) and
-        ``"ratio_microbatch_range"`` / ``"ratio_batched_range"`` (the lowest and highest ratio
-        the repeats allow); the same from process CPU time as ``"cpu_seconds"``, ``"ratio_*_cpu"``
-        and ``"ratio_*_cpu_range"`` (CPU time does not count waiting for a core on a loaded machine).
-    """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"bench dp: --steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
-    cfg = get_preset(preset)
-    cfg.loss.nce = 0.0  # DP refuses DHN-NCE; the ordinary step uses the same loss
-    dev = resolve_device(device)
-    model = build_model(cfg).to(dev).train()
-    s = cfg.sam.image_size
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(batch_size, 3, s, s, generator=gen).to(dev)
-    masks = torch.zeros(batch_size, 1, s, s, device=dev)
-    masks[:, :, s // 4 : 3 * s // 4, s // 3 : 2 * s // 3] = 1.0
-    texts = ["one small pink round polyp"] * batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size)
-
-    def plain() -> None:
-        loss, _ = model.compute_losses(model(images, texts), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def private(mode: str) -> None:
-        grads, _ = per_example_gradients(model, images, masks, texts, mode)
-        for p, g in zip(params, grads.values()):
-            p.grad_sample = g
-        dp_optimizer.step()
-        dp_optimizer.zero_grad(set_to_none=True)
-
-    def timed(fn: Callable[[], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-        for _ in range(warmup):
-            fn()
-        wall, cpu = [], []
-        for _ in range(steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        return spread(wall), spread(cpu)
-
-    (base, base_cpu), (micro, micro_cpu), (batched, batched_cpu) = (
-        timed(plain), timed(lambda: private("microbatch")), timed(lambda: private("batched")))
-    return {
-        "preset": preset, "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(dev),
-        "threads": torch.get_num_threads(), "non_dp_s": base["median"], "dp_microbatch_s": micro["median"],
-        "dp_batched_s": batched["median"], "ratio_microbatch": micro["median"] / base["median"],
-        "ratio_batched": batched["median"] / base["median"],
-        "seconds": {"non_dp": base, "dp_microbatch": micro, "dp_batched": batched},
-        "ratio_microbatch_range": ratio_range(micro, base), "ratio_batched_range": ratio_range(batched, base),
-        "cpu_seconds": {"non_dp": base_cpu, "dp_microbatch": micro_cpu, "dp_batched": batched_cpu},
-        "ratio_microbatch_cpu": micro_cpu["median"] / base_cpu["median"],
-        "ratio_microbatch_cpu_range": ratio_range(micro_cpu, base_cpu),
-        "ratio_batched_cpu": batched_cpu["median"] / base_cpu["median"],
-        "ratio_batched_cpu_range": ratio_range(batched_cpu, base_cpu),
-    }
-
-
-def format_bench(result: Mapping[str, Any]) -> str:
-    """One readable line per timing of :func:`bench_dp_step`."""
-    return (
-        f"DP-SGD step vs non-DP step ({result['preset']}, batch {result['batch_size']}, {result['device']}, "
-        f"{result['threads']} threads, median of {result['steps']} after {result['warmup']} warm-up):\n"
-        f"  non-DP          {result['non_dp_s']:.3f} s\n"
-        f"  DP microbatch   {result['dp_microbatch_s']:.3f} s  ratio {result['ratio_microbatch']:.2f}x "
-        f"(range {result['ratio_microbatch_range'][0]:.2f}-{result['ratio_microbatch_range'][1]:.2f})\n"
-        f"  DP batched      {result['dp_batched_s']:.3f} s  ratio {result['ratio_batched']:.2f}x "
-        f"(range {result['ratio_batched_range'][0]:.2f}-{result['ratio_batched_range'][1]:.2f})"
-    )

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from shared_model.benchmarks.step import copy_adapters, paired_sam_paths, plain_forward, plain_recipe, sam_path_forward
-from shared_model.benchmarks.record import dp_summary, step_summary
+from shared_model.benchmarks.record import SUMMARIES, summary
+from shared_model.benchmarks.timing import NO_DIFFERENCE
 from cli.main import main
 from shared_model.config import get_preset
 from shared_model.modeling.sam import build_sam_parts
@@ -76,8 +77,10 @@ def test_bench_step_cli_prints_ratios(capsys):
     out = json.loads(capsys.readouterr().out)
     for key in ("plain", "sam_path", "full"):
         assert out[key]["images_per_s"] > 0 and out[key]["gflop_per_step"] > 0
-    assert out["sam_path_vs_plain"] > 0 and out["full_vs_sam_path"] > 0
+    for key in ("sam_path_vs_plain", "full_vs_sam_path", "sam_path_vs_plain_cpu"):
+        assert out[key]["median"] > 0 and out[key]["verdict"] in ("faster", "slower", NO_DIFFERENCE)
     assert out["max_abs_diff_sam_paths"] < 1e-3
+    assert out["attention"] == "auto" and out["threads"] == 1 and out["interleaved"]
 
 
 def test_bench_step_out_records_command_machine_load_and_spread(tmp_path, capsys):
@@ -94,18 +97,34 @@ def test_bench_step_out_records_command_machine_load_and_spread(tmp_path, capsys
     for key in ("plain", "sam_path", "full"):
         t = result[key]["step_seconds"]
         assert t["repeats"] == 2 and t["min"] <= t["median"] <= t["max"] and len(t["all"]) == 2
-    lo, hi = result["sam_path_vs_plain_range"]
-    assert lo <= result["sam_path_vs_plain"] <= hi
+    ratio = result["sam_path_vs_plain"]
+    assert ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"] and ratio["repeats"] == 2
+    # images/s ratio of each repeat = plain's step time / ours, same repeat
+    t_plain, t_ours = result["plain"]["step_seconds"]["all"], result["sam_path"]["step_seconds"]["all"]
+    assert sorted(ratio["all"]) == pytest.approx(sorted(a / b for a, b in zip(t_plain, t_ours)))
     assert main(["bench", "step", "--steps", "1", "--out", str(tmp_path / "step.txt")]) == 2
     assert "--out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,summary", [("step_tiny.json", step_summary), ("dp_tiny.json", dp_summary)])
-def test_readme_quotes_the_committed_benchmark_records(name, summary):
-    record = json.loads((REPO / "docs" / "bench" / name).read_text())
-    assert record["warmup"] >= 1 and all(r.get("repeats", r.get("steps")) >= 5 for r in record["results"])
+# Records of benchmarks that have a README line (shared_model.benchmarks.record.SUMMARIES).
+RECORDS = [p for p in sorted((REPO / "docs" / "bench").glob("*.json"))
+           if json.loads(p.read_text())["command"].split()[2] in SUMMARIES]
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=[p.name for p in RECORDS])
+def test_readme_quotes_the_committed_benchmark_records(path):
+    record = json.loads(path.read_text())
+    if not record["command"].startswith("promptsam bench memory"):  # byte counts are not timed
+        assert record["warmup"] >= 1
+        assert all(r.get("repeats", r.get("steps")) >= 5 for r in record["results"])
     line = summary(record)
-    assert line in (REPO / "README.md").read_text(), f"README.md does not quote docs/bench/{name}: {line}"
+    docs = (REPO / "README.md").read_text() + (REPO / "deploy" / "PRIVACY.md").read_text()
+    assert line in docs, f"neither README.md nor deploy/PRIVACY.md quotes docs/bench/{path.name}: {line}"
+
+
+def test_bench_all_script_regenerates_every_committed_record():
+    script = (REPO / "scripts" / "bench_all.sh").read_text()
+    assert RECORDS and all(f"docs/bench/{p.name}" in script for p in RECORDS)
 
 
 def test_saved_activation_bytes_scale_with_batch_and_drop_with_checkpointing(capsys):

@@ -1,4 +1,4 @@
-"""Tests for shared_model.modeling.sam: SAM steps, batched decoder, adapters, SDPA attention, checkpoints."""
+"""Tests for shared_model.modeling.sam: SAM steps, batched decoder, adapters, attention implementations, checkpoints."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from segment_anything import sam_model_registry
 
 from shared_model.config import ConfigError, SamConfig, get_preset
 from shared_model.modeling.sam import SamParts, build_sam_parts, load_sam_checkpoint
-from shared_model.modeling.sam_attention import CheckpointedBlock, SdpaAttention
+from shared_model.modeling.sam_attention import CheckpointedBlock, RelPosAttention, resolve_attention
 
 
 def tiny_cfg(**overrides: object) -> SamConfig:
@@ -247,15 +247,16 @@ def test_zero_init_lora_leaves_outputs_unchanged_and_gradients_reach_it() -> Non
 
 
 # ---------------------------------------------------------------------------------------------
-# SDPA attention
+# Attention implementations
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sdpa_attention_matches_sam_attention() -> None:
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "auto"])
+def test_attention_implementations_match_sam_attention(impl: str) -> None:
     ref = tiny_parts(attention="sam")
-    fast = tiny_parts(attention="sdpa")
-    assert not any(isinstance(mod, SdpaAttention) for mod in ref.modules())
-    assert sum(isinstance(mod, SdpaAttention) for mod in fast.modules()) == 4
+    fast = tiny_parts(attention=impl)
+    assert not any(isinstance(mod, RelPosAttention) for mod in ref.modules())
+    assert [mod.impl for mod in fast.modules() if isinstance(mod, RelPosAttention)] == [impl] * 4
     randomise_rel_pos(ref)
     assert list(ref.state_dict()) == list(fast.state_dict())
     fast.load_state_dict(ref.state_dict())
@@ -276,6 +277,13 @@ def test_sdpa_attention_matches_sam_attention() -> None:
     assert grads_ref.keys() == grads_fast.keys()
     for name in grads_ref:
         torch.testing.assert_close(grads_fast[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_attention_is_sdpa_on_cuda_and_eager_elsewhere() -> None:
+    assert resolve_attention("auto", torch.device("cuda", 0)) == "sdpa"
+    assert resolve_attention("auto", torch.device("cpu")) == "eager"
+    assert resolve_attention("sdpa", torch.device("cpu")) == "sdpa"
+    assert tiny_cfg().attention == "auto"
 
 
 def test_activation_checkpointing_gives_the_same_outputs_and_gradients() -> None:

@@ -19,7 +19,6 @@ from shared_model.training.privacy import (
     PrivacyError,
     accountant_from_state,
     accountant_to_state,
-    bench_dp_step,
     calibrate_noise,
     epsilon_after,
     new_accountant_state,
@@ -262,23 +261,3 @@ def test_noise_is_reproducible_only_when_seeded(model):
     # cannot regenerate (and subtract) the noise.
     assert _generator(-1).initial_seed() != _generator(-1).initial_seed()
     assert _generator(7).initial_seed() == 7
-
-
-def test_bench_dp_step_reports_both_modes():
-    result = bench_dp_step("tiny", batch_size=1, steps=2, warmup=0)
-    assert result["non_dp_s"] > 0 and result["dp_microbatch_s"] > 0 and result["dp_batched_s"] > 0
-    assert result["ratio_microbatch"] == pytest.approx(result["dp_microbatch_s"] / result["non_dp_s"])
-    assert result["seconds"]["non_dp"]["repeats"] == 2 and result["warmup"] == 0
-    lo, hi = result["ratio_batched_range"]
-    assert lo <= result["ratio_batched"] <= hi
-
-
-def test_bench_dp_cli_prints_json_with_the_ratio(tmp_path, capsys):
-    from cli.main import main
-
-    assert main(["bench", "dp", "--batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
-                 "--out", str(tmp_path / "dp.json")]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["batch_size"] == 1 and result["ratio_microbatch"] > 0
-    record = json.loads((tmp_path / "dp.json").read_text())
-    assert record["results"] == [result] and record["command"].startswith("promptsam bench dp --batch 1")

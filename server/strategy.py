@@ -20,10 +20,12 @@ message strategies (``flwr.serverapp.strategy``) and
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +98,24 @@ def _single_metrics(content: RecordDict, expected: tuple[str, ...]) -> MetricRec
     if not math.isfinite(examples) or examples <= 0:
         raise ReplyError(f"num-examples must be a positive number, got {examples!r}")
     return metrics
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block.
+
+    Folding in K replies allocates small containers (audit rows, records) that trigger full
+    collections, each scanning every object of the K replies held: half the aggregation time at
+    K = 1,000. Nothing here creates reference cycles; reference counting still frees each reply's
+    arrays as soon as they are dropped.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _order_key(msg: Message) -> tuple[float, int]:
@@ -242,6 +262,12 @@ class GuardedStrategy(Strategy):
         """
         if self.global_state is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        with _collector_paused():
+            return self._aggregate_train(server_round, replies)
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         aggregator = self._aggregator()
         buffer = torch.empty(self.layout.numel, dtype=torch.float32)
         ordered = sorted(enumerate(replies), key=lambda item: _order_key(item[1])) \
@@ -250,27 +276,7 @@ class GuardedStrategy(Strategy):
         audit: dict[int, dict[str, Any]] = {}
         accepted: list[tuple[tuple[float, int], Message]] = []
         for position, msg in ordered:
-            node = int(msg.metadata.src_node_id)
-            audit[position] = {"round": server_round, "phase": "train", "node-id": node, **describe_message(msg)}
-            row = rows[position] = {"node-id": node, "accepted": False, "reason": "", "bytes-down": self.bytes_down}
-            try:
-                metrics, nbytes, norm = self.validate_train_reply(msg, buffer)
-            except (ReplyError, ExchangeError) as err:
-                log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
-                row["reason"] = str(err)
-                continue
-            row.update(accepted=True, **{k: float(v) for k, v in metrics.items()},
-                       **{"bytes-up": nbytes, "update-norm": norm})
-            if aggregator is not None:
-                aggregator.add(buffer, float(metrics[self.inner.weighted_by_key]))
-                msg.content = RecordDict({"metrics": metrics})
-            else:
-                full = self.layout.unflatten(self.global_flat + buffer)
-                msg.content = RecordDict({
-                    self.inner.arrayrecord_key: ArrayRecord({k: Array(v.numpy()) for k, v in full.items()}),
-                    "metrics": metrics,
-                })
-            accepted.append(((float(metrics["partition-id"]), node), msg))
+            audit[position], rows[position] = self._fold_in(server_round, msg, buffer, aggregator, accepted)
         self.audit += [audit[i] for i in sorted(audit)]
         self.train_records = [rows[i] for i in sorted(rows)]
         if not accepted:
@@ -293,6 +299,38 @@ class GuardedStrategy(Strategy):
         else:
             new_flat = self.global_flat + self.server_lr * delta
         return state_to_record(self.layout.unflatten(new_flat), "float32"), metrics
+
+    def _fold_in(self, server_round: int, msg: Message, buffer: torch.Tensor,
+                 aggregator: WeightedMean | SortedStack | None,
+                 accepted: list[tuple[tuple[float, int], Message]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Validate one reply into ``buffer`` and fold it into ``aggregator`` (or, without one, turn
+        it into a full-state message for Flower), appending it to ``accepted``.
+
+        Returns:
+            The reply's audit entry and its train-record row.
+        """
+        node = int(msg.metadata.src_node_id)
+        audit = {"round": server_round, "phase": "train", "node-id": node, **describe_message(msg)}
+        row: dict[str, Any] = {"node-id": node, "accepted": False, "reason": "", "bytes-down": self.bytes_down}
+        try:
+            metrics, nbytes, norm = self.validate_train_reply(msg, buffer)
+        except (ReplyError, ExchangeError) as err:
+            log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
+            row["reason"] = str(err)
+            return audit, row
+        row.update(accepted=True, **{k: float(v) for k, v in metrics.items()},
+                   **{"bytes-up": nbytes, "update-norm": norm})
+        if aggregator is not None:
+            aggregator.add(buffer, float(metrics[self.inner.weighted_by_key]))
+            msg.content = RecordDict({"metrics": metrics})  # the arrays are folded in: drop them
+        else:
+            full = self.layout.unflatten(self.global_flat + buffer)
+            msg.content = RecordDict({
+                self.inner.arrayrecord_key: ArrayRecord({k: Array(v.numpy()) for k, v in full.items()}),
+                "metrics": metrics,
+            })
+        accepted.append(((float(metrics["partition-id"]), node), msg))
+        return audit, row
 
     def _flower_aggregate(self, server_round: int, replies: list[Message]
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:

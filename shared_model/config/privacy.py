@@ -8,7 +8,7 @@ from shared_model.config.parse import ConfigError, _field
 
 
 DP_ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("microbatch", "batched")
+GRAD_SAMPLE_MODES = ("microbatch", "batched", "vmap", "auto")
 CENTRAL_DP_MODES = ("off", "fixed", "adaptive")
 
 
@@ -30,7 +30,8 @@ class PrivacyConfig:
     planned_steps: int = 0
     accountant: str = "rdp"  # one of DP_ACCOUNTANTS
     # How per-example gradients are computed (one of GRAD_SAMPLE_MODES): "microbatch" runs each
-    # example alone; "batched" runs one forward pass and one backward pass per example.
+    # example alone; "batched" runs one forward pass and one backward pass per example; "vmap" one
+    # vectorised pass (torch.func); "auto" vmap, else microbatch with a log line saying why.
     grad_sample_mode: str = "microbatch"
     # Seed of the noise and of Poisson sampling; -1 = OS entropy. A fixed seed lets anyone who
     # knows it remove the noise: for tests only.

@@ -16,6 +16,14 @@ not supported by Opacus"). Two modes (``PrivacyConfig.grad_sample_mode``):
 * ``microbatch``: each image runs alone (forward + backward at batch 1): exact by construction.
 * ``batched``: one forward pass over the batch, per-image losses, one backward pass per image;
   exact only because nothing in the forward pass mixes images (tested against ``microbatch``).
+* ``vmap``: ``torch.func.vmap(grad(loss))`` over the images, a function of the trainable
+  parameters only (frozen weights and buffers closed over through ``functional_call``): one
+  vectorised forward and backward for the whole batch. The data-dependent box search runs first
+  without gradient (:meth:`PromptSAM.derive_boxes`) and prompts go in as token ids; random ops
+  (bottleneck noise, dropout) draw independently per image (``randomness="different"``). Equal to
+  ``microbatch`` up to float rounding (tested).
+* ``auto``: ``vmap``, or ``microbatch`` with a log line saying why where vmap fails for a model
+  (remembered per model).
 
 DHN-NCE compares each image with the others of the batch, so one image's gradient would depend
 on other patients' data and clipping would no longer bound its influence; under DP the code
@@ -28,18 +36,22 @@ is kept between calls as plain lists, so a Flower client can keep it in ``contex
 
 from __future__ import annotations
 
+import logging
 import secrets
 import statistics
 import time
+import weakref
 from dataclasses import fields
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset, default_collate
 
 from shared_model.benchmarks.record import ratio_range, spread
-from shared_model.config import ConfigError, PrivacyConfig, TrainConfig, check_privacy, get_preset
+from shared_model.config import (GRAD_SAMPLE_MODES, ConfigError, PrivacyConfig, TrainConfig, check_privacy,
+                                 get_preset)
 from shared_model.training.accounting import (  # noqa: F401 - re-exported: the accounting API lives here too
     AccountantState,
     PrivacyBudgetExceeded,
@@ -52,7 +64,7 @@ from shared_model.training.accounting import (  # noqa: F401 - re-exported: the 
     sample_rate_for,
     spent_epsilon,
 )
-from shared_model.modeling.prompt_sam import PromptSAM, PromptSAMOutput, build_model
+from shared_model.modeling.prompt_sam import PromptSAM, PromptSAMOutput, TextTokens, build_model
 from shared_model.training.loop import GradientStep, LRSchedule, TrainResult, autocast_for, resolve_device, train_model
 from shared_model.training.opacus_compat import DPOptimizer, UniformWithReplacementSampler
 
@@ -60,6 +72,10 @@ from shared_model.training.opacus_compat import DPOptimizer, UniformWithReplacem
 # --------------------------------------------------------------------------------------------
 # Per-example gradients
 # --------------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+# Models on which vmap failed, with the reason: ``auto`` uses microbatch for them from then on.
+_VMAP_REFUSED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def check_model_for_dp(model: PromptSAM) -> None:
@@ -98,12 +114,25 @@ def per_example_gradients(
         images: B x 3 x S x S in [0, 1].
         masks: B x 1 x S x S in {0, 1}.
         texts: B prompts.
-        mode: ``"microbatch"`` or ``"batched"`` (see the module docstring).
+        mode: ``"microbatch"``, ``"batched"``, ``"vmap"`` or ``"auto"`` (see the module docstring).
         amp: bf16 autocast on CUDA.
 
     Returns:
         (name -> B x *param.shape float32 gradients, one loss-parts dict per image).
     """
+    if mode == "auto":
+        if model not in _VMAP_REFUSED and images.shape[0] > 0:
+            try:
+                return vmap_gradients(model, images, masks, texts, amp)
+            except Exception as err:  # noqa: BLE001 - any op vmap cannot batch: fall back, saying why
+                _VMAP_REFUSED[model] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                log.warning("per-example gradients: torch.func.vmap failed on this model (%s); using the "
+                            "microbatch mode instead", _VMAP_REFUSED[model])
+        mode = "microbatch"
+    if mode == "vmap":
+        if images.shape[0] > 0:
+            return vmap_gradients(model, images, masks, texts, amp)
+        mode = "microbatch"  # nothing to map over
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
@@ -128,10 +157,44 @@ def per_example_gradients(
         for i in range(b):
             grads.append(torch.autograd.grad(losses[i], params, retain_graph=i < b - 1, materialize_grads=True))
     else:
-        raise ConfigError(f"privacy.grad_sample_mode: {mode!r} not in ['microbatch', 'batched']")
+        raise ConfigError(f"privacy.grad_sample_mode: {mode!r} not in {list(GRAD_SAMPLE_MODES)}")
     if b == 0:
         return {n: p.new_zeros((0, *p.shape), dtype=torch.float32) for n, p in zip(names, params)}, logs
     return {n: torch.stack([g[j] for g in grads]).float() for j, n in enumerate(names)}, logs
+
+
+def vmap_gradients(
+    model: PromptSAM, images: torch.Tensor, masks: torch.Tensor, texts: list[str], amp: bool = False
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """:func:`per_example_gradients` in one vectorised pass (``torch.func``; the ``vmap`` mode).
+
+    Each image's loss is a function of the trainable parameters alone; ``vmap(grad(...))`` maps
+    it over (image, mask, token ids, derived boxes). Raises whatever vmap raises on an op it
+    cannot batch.
+    """
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+    device = images.device
+    b = images.shape[0]
+    tokens = model.tokenize(texts)
+    ids, attention = tokens.ids.to(device), tokens.mask.to(device)
+    if model.cfg.prompts.use_boxes:
+        boxes, valid = model.derive_boxes(images, tokens)
+    else:  # no box prompts: forward ignores prompt_boxes
+        boxes, valid = images.new_zeros(b, 0, 4), torch.zeros(b, 0, dtype=torch.bool, device=device)
+
+    def loss_of(params, image, mask, ids_i, attention_i, boxes_i, valid_i):
+        with autocast_for(device, amp):
+            text = TextTokens(ids_i[None], attention_i[None])
+            out = functional_call(model, (params, frozen, buffers), (image[None], text),
+                                  {"prompt_boxes": (boxes_i[None], valid_i[None])})
+        return model.compute_loss_terms(out, mask[None])
+
+    grads, terms = vmap(grad(loss_of, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0, 0), randomness="different")(
+        trainable, images, masks, ids, attention, boxes, valid)
+    logs = [{k: float(v[i]) for k, v in terms.items()} for i in range(b)]
+    return {n: g.float() for n, g in grads.items()}, logs
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,22 +337,25 @@ class DPGradientStep(GradientStep):
 # --------------------------------------------------------------------------------------------
 
 
+BENCH_MODES = ("microbatch", "batched", "vmap")
+
+
 def bench_dp_step(
     preset: str = "tiny", batch_size: int = 8, steps: int = 3, device: str = "cpu", warmup: int = 1
 ) -> dict[str, Any]:
     """Time one DP-SGD step against one ordinary step on the same batch (random images, box masks).
 
     Both steps are forward + backward + AdamW on the same model; the DP step adds per-example
-    gradients, clipping and noise (``microbatch`` and ``batched`` modes). ``warmup`` untimed
-    steps each, then the median of ``steps`` timed repeats.
+    gradients, clipping and noise (each of :data:`BENCH_MODES`). ``warmup`` untimed steps each,
+    then the median of ``steps`` timed repeats.
 
     Returns:
-        ``{"preset", "batch_size", "steps", "warmup", "device", "threads", "non_dp_s",
-        "dp_microbatch_s", "dp_batched_s", "ratio_microbatch", "ratio_batched"}`` (median seconds
-        per step; ratio = DP / non-DP), ``"seconds"`` (median, min, max of each way's repeats) and
-        ``"ratio_microbatch_range"`` / ``"ratio_batched_range"`` (the lowest and highest ratio
-        the repeats allow); the same from process CPU time as ``"cpu_seconds"``, ``"ratio_*_cpu"``
-        and ``"ratio_*_cpu_range"`` (CPU time does not count waiting for a core on a loaded machine).
+        ``{"preset", "batch_size", "steps", "warmup", "device", "threads", "non_dp_s"}`` and, per
+        mode M, ``"dp_M_s"`` and ``"ratio_M"`` (median seconds per step; ratio = DP / non-DP),
+        ``"ratio_M_range"`` (the lowest and highest ratio the repeats allow); ``"seconds"``
+        (median, min, max of each way's repeats); the same from process CPU time as
+        ``"cpu_seconds"``, ``"ratio_M_cpu"`` and ``"ratio_M_cpu_range"`` (CPU time does not count
+        waiting for a core on a loaded machine).
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench dp: --steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
@@ -335,31 +401,32 @@ def bench_dp_step(
             cpu.append(time.process_time() - c0)
         return spread(wall), spread(cpu)
 
-    (base, base_cpu), (micro, micro_cpu), (batched, batched_cpu) = (
-        timed(plain), timed(lambda: private("microbatch")), timed(lambda: private("batched")))
-    return {
+    base, base_cpu = timed(plain)
+    result: dict[str, Any] = {
         "preset": preset, "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(dev),
-        "threads": torch.get_num_threads(), "non_dp_s": base["median"], "dp_microbatch_s": micro["median"],
-        "dp_batched_s": batched["median"], "ratio_microbatch": micro["median"] / base["median"],
-        "ratio_batched": batched["median"] / base["median"],
-        "seconds": {"non_dp": base, "dp_microbatch": micro, "dp_batched": batched},
-        "ratio_microbatch_range": ratio_range(micro, base), "ratio_batched_range": ratio_range(batched, base),
-        "cpu_seconds": {"non_dp": base_cpu, "dp_microbatch": micro_cpu, "dp_batched": batched_cpu},
-        "ratio_microbatch_cpu": micro_cpu["median"] / base_cpu["median"],
-        "ratio_microbatch_cpu_range": ratio_range(micro_cpu, base_cpu),
-        "ratio_batched_cpu": batched_cpu["median"] / base_cpu["median"],
-        "ratio_batched_cpu_range": ratio_range(batched_cpu, base_cpu),
+        "threads": torch.get_num_threads(), "non_dp_s": base["median"],
+        "seconds": {"non_dp": base}, "cpu_seconds": {"non_dp": base_cpu},
     }
+    for mode in BENCH_MODES:
+        wall, cpu = timed(lambda: private(mode))
+        result["seconds"][f"dp_{mode}"], result["cpu_seconds"][f"dp_{mode}"] = wall, cpu
+        result.update({
+            f"dp_{mode}_s": wall["median"], f"ratio_{mode}": wall["median"] / base["median"],
+            f"ratio_{mode}_range": ratio_range(wall, base), f"ratio_{mode}_cpu": cpu["median"] / base_cpu["median"],
+            f"ratio_{mode}_cpu_range": ratio_range(cpu, base_cpu),
+        })
+    return result
 
 
 def format_bench(result: Mapping[str, Any]) -> str:
     """One readable line per timing of :func:`bench_dp_step`."""
-    return (
+    lines = [
         f"DP-SGD step vs non-DP step ({result['preset']}, batch {result['batch_size']}, {result['device']}, "
-        f"{result['threads']} threads, median of {result['steps']} after {result['warmup']} warm-up):\n"
-        f"  non-DP          {result['non_dp_s']:.3f} s\n"
-        f"  DP microbatch   {result['dp_microbatch_s']:.3f} s  ratio {result['ratio_microbatch']:.2f}x "
-        f"(range {result['ratio_microbatch_range'][0]:.2f}-{result['ratio_microbatch_range'][1]:.2f})\n"
-        f"  DP batched      {result['dp_batched_s']:.3f} s  ratio {result['ratio_batched']:.2f}x "
-        f"(range {result['ratio_batched_range'][0]:.2f}-{result['ratio_batched_range'][1]:.2f})"
-    )
+        f"{result['threads']} threads, median of {result['steps']} after {result['warmup']} warm-up):",
+        f"  non-DP          {result['non_dp_s']:.3f} s",
+    ]
+    for mode in BENCH_MODES:
+        lo, hi = result[f"ratio_{mode}_range"]
+        lines.append(f"  DP {mode:<12} {result[f'dp_{mode}_s']:.3f} s  ratio {result[f'ratio_{mode}']:.2f}x "
+                     f"(range {lo:.2f}-{hi:.2f}; CPU time {result[f'ratio_{mode}_cpu']:.2f}x)")
+    return "\n".join(lines)

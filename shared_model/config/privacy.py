@@ -32,7 +32,7 @@ class PrivacyConfig:
     # How per-example gradients are computed (one of GRAD_SAMPLE_MODES): "microbatch" runs each
     # example alone; "batched" runs one forward pass and one backward pass per example; "vmap" one
     # vectorised pass (torch.func); "auto" vmap, else microbatch with a log line saying why.
-    grad_sample_mode: str = "microbatch"
+    grad_sample_mode: str = "auto"
     # Seed of the noise and of Poisson sampling; -1 = OS entropy. A fixed seed lets anyone who
     # knows it remove the noise: for tests only.
     noise_seed: int = -1

@@ -322,7 +322,8 @@ class GuardedStrategy(Strategy):
                    **{"bytes-up": nbytes, "update-norm": norm})
         if aggregator is not None:
             aggregator.add(buffer, float(metrics[self.inner.weighted_by_key]))
-            msg.content = RecordDict({"metrics": metrics})  # the arrays are folded in: drop them
+            for name in list(msg.content.array_records):  # folded in: drop the arrays
+                del msg.content[name]
         else:
             full = self.layout.unflatten(self.global_flat + buffer)
             msg.content = RecordDict({

@@ -9,6 +9,7 @@ from typing import Callable
 
 from cli.argtypes import add_command, image_size, non_negative_int, positive_int
 from shared_model.config import ATTENTION_IMPLS, GRAD_SAMPLE_MODES, PRESETS
+from shared_model.config.privacy import DP_BENCH_MODES
 
 
 def start_timing(args: argparse.Namespace) -> list[float] | None:
@@ -22,6 +23,8 @@ def start_timing(args: argparse.Namespace) -> list[float] | None:
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return load
+
+AGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")  # simulation.bench_aggregation
 
 
 def cmd_bench_step(args: argparse.Namespace) -> int:
@@ -101,10 +104,14 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
 
 def cmd_bench_round(args: argparse.Namespace) -> int:
     """Entry point of ``promptsam bench round``."""
-    from simulation.bench import bench_round
+    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
+    from simulation.bench import bench_round, format_aggregation
 
+    load_start = load_average()
     result = bench_round(args.hospitals, tuple(args.updates), args.rounds, args.agg_preset, args.local_steps,
-                         args.repeats, args.run_dir)
+                         args.repeats, args.run_dir, tuple(args.strategies), args.memory_updates, args.memory_cap_gb)
+    if args.out:
+        write_bench_record(args.out, bench_record(args.argv, 0, [result], load_start))
     if args.json:
         print(json.dumps(result, indent=2), flush=True)
         return 0
@@ -112,6 +119,7 @@ def cmd_bench_round(args: argparse.Namespace) -> int:
         print(f"{dtype:>8}: up {row['up_bytes']:,} B, down {row['down_bytes_per_round']:,} B per client per round; "
               "aggregation " + ", ".join(f"{k} updates {v['seconds'] * 1000:.1f} ms"
                                          for k, v in result["aggregation_seconds"]["by_wire_dtype"][dtype].items()))
+    print(format_aggregation(result))
     for r in result["flower_overhead"]["per_round"]:
         print(f"round {r['round']}: {r['round_seconds']:.2f} s, clients {r['client_app_seconds']['total']:.2f} s, "
               f"Flower overhead {r['flower_overhead_seconds']:.3f} s ({100 * r['flower_overhead_share']:.1f}% of "
@@ -165,8 +173,8 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
                    help="timed repeats, interleaved (median, min, max and IQR are reported)")
     b.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average, warm-up and results")
-    b.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES),
-                   help="per-example-gradient modes to time (default: all)")
+    b.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES, default=list(DP_BENCH_MODES),
+                   help=f"per-example-gradient modes to time (default: {' '.join(DP_BENCH_MODES)})")
     add_timing_options(b)
     b.set_defaults(func=cmd_bench_dp)
     b = add_command(bench, "attention", "SAM image encoder forward + backward with segment-anything's attention "
@@ -185,13 +193,21 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b = add_command(bench, "round", "one federated round's costs: bytes, aggregation time, "
                                                "Flower overhead (tiny preset, CPU)")
     b.add_argument("--hospitals", type=positive_int, default=3, help="simulated hospitals in the in-process round")
-    b.add_argument("--updates", type=positive_int, nargs="+", default=[10, 100],
-                   help="numbers of updates to aggregate")
+    b.add_argument("--updates", type=positive_int, nargs="+", default=[10, 100, 1000],
+                   help="numbers of updates to aggregate (default: 10 100 1000)")
+    b.add_argument("--strategies", nargs="+", default=list(AGG_STRATEGIES), choices=AGG_STRATEGIES,
+                   help="strategies timed against the one-pass limit (default: all)")
+    b.add_argument("--memory-updates", type=non_negative_int, default=1000,
+                   help="updates aggregated in the peak-memory runs (0 = skip them)")
+    b.add_argument("--memory-cap-gb", type=float, default=4.0,
+                   help="skip the hold-all memory run when its estimate exceeds this many GiB")
     b.add_argument("--rounds", type=positive_int, default=2, help="in-process rounds (the first one includes warm-up)")
     b.add_argument("--agg-preset", default="base", choices=sorted(PRESETS),
                    help="preset whose exchanged state is aggregated (tiny for a fast check)")
     b.add_argument("--local-steps", type=positive_int, default=2, help="local training steps per client per round")
-    b.add_argument("--repeats", type=positive_int, default=3, help="aggregation timing: best of this many")
+    b.add_argument("--repeats", type=positive_int, default=3,
+                   help="aggregation timing: repeats (median, min and max are reported)")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average and results")
     b.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
     b.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
     b.set_defaults(func=cmd_bench_round)

@@ -10,16 +10,19 @@ the server. Used by the client (global state in, delta out) and the server (the 
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from shared_model.exchange import WIRE_DTYPES, ExchangeError, cast_state
+from shared_model.exchange import WIRE_DTYPES, ExchangeError, FlatLayout, cast_state
 
 BF16_STYPE = "torch.bfloat16.raw"
+NUMPY_STYPE = "numpy.ndarray"  # Flower's ``SType.NUMPY``: the bytes of ``np.save``
 _NUMPY_DTYPES = {"float32", "float16"}
 
 
@@ -78,3 +81,58 @@ def record_to_state(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
 def record_nbytes(record: ArrayRecord) -> int:
     """Bytes of the arrays' serialised payloads (what the transport carries, headers included)."""
     return sum(len(array.data) for array in record.values())
+
+
+@lru_cache(maxsize=16)
+def _npy_headers(dtype: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[bytes, ...]:
+    """The ``.npy`` header ``np.save`` writes for C-order arrays of this dtype and these shapes."""
+    headers = []
+    for shape in shapes:
+        out = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+        headers.append(out.getvalue())
+    return tuple(headers)
+
+
+def record_into(record: ArrayRecord, layout: FlatLayout, out: torch.Tensor) -> bool:
+    """Decode a record in the canonical wire layout straight into one flat float32 vector.
+
+    Canonical: the keys of ``layout`` in its order, every array of one wire dtype with the
+    expected shape, and its bytes exactly what :func:`state_to_record` writes (the ``.npy``
+    header of that dtype and shape followed by the values, or raw bfloat16 words). The values are
+    copied once, tensor by tensor, into ``out`` (through a staging vector for 2-byte dtypes).
+
+    Args:
+        record: A reply's ArrayRecord.
+        layout: Keys, shapes and offsets of the exchanged state.
+        out: D float32 values, overwritten.
+
+    Returns:
+        False, with ``out`` in an unspecified state, for anything else (wrong keys or shapes,
+        mixed dtypes, another valid ``.npy`` encoding, a malformed payload): the caller then
+        decodes with :func:`record_to_state`, whose checks name what is wrong.
+    """
+    if tuple(record.keys()) != layout.keys:
+        return False
+    arrays = list(record.values())
+    dtype, stype = arrays[0].dtype, arrays[0].stype
+    if stype == BF16_STYPE and dtype == "bfloat16":
+        words, itemsize, headers = "<i2", 2, (b"",) * len(arrays)
+    elif stype == NUMPY_STYPE and dtype in _NUMPY_DTYPES:
+        words, itemsize, headers = dtype, np.dtype(dtype).itemsize, _npy_headers(dtype, layout.shapes)
+    else:
+        return False
+    stage = out.numpy() if dtype == "float32" else np.empty(layout.numel, dtype=words)
+    raw = memoryview(stage).cast("B")  # byte copies: no array object per tensor
+    for array, shape, offset, count, header in zip(arrays, layout.shapes, layout.offsets, layout.counts, headers):
+        data, size = array.data, count * itemsize
+        if (array.dtype != dtype or array.stype != stype or tuple(array.shape) != shape
+                or len(data) != len(header) + size or not data.startswith(header)):
+            return False
+        raw[offset * itemsize:offset * itemsize + size] = memoryview(data)[len(header):]
+    if dtype == "bfloat16":
+        out.copy_(torch.from_numpy(stage).view(torch.bfloat16))
+    elif dtype == "float16":
+        out.copy_(torch.from_numpy(stage))
+    return True

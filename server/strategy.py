@@ -5,23 +5,27 @@ message strategies (``flwr.serverapp.strategy``) and
 
 1. sends the global state in the wire dtype (``configure_train`` / ``configure_evaluate``);
 2. validates each train reply: one ArrayRecord and one MetricRecord, the client metric contract
-   (:data:`client.task.TRAIN_METRIC_KEYS`), decodable wire arrays, then
-   ``shared_model.exchange.check_state`` (exact key set, shapes, finite values, optional L2 bound on
-   the delta). A bad reply is dropped and logged with its node id; the round goes on;
-3. hands the inner strategy full float32 states ``global + delta`` (sorted by partition id so the
-   aggregate does not depend on arrival order), which is what Flower's strategies aggregate:
-   FedAvg / FedProx (weighted by ``num-examples``), FedMedian and FedTrimmedAvg give
-   ``global + aggregate(deltas)``; FedAdam takes ``aggregate - global`` as the pseudo-gradient itself;
+   (:data:`client.task.TRAIN_METRIC_KEYS`), decodable wire arrays, then the exact key set, shapes,
+   finite values and optional L2 bound on the delta (``shared_model.exchange.check_flat`` on the
+   delta decoded into one flat vector, or ``check_state`` for a reply not in the canonical wire
+   layout). A bad reply is dropped and logged with its node id; the round goes on;
+3. aggregates the deltas in partition-id order, so the aggregate does not depend on arrival order:
+   for Flower's FedAvg / FedProx (weighted by ``num-examples``), FedAdam, FedMedian and
+   FedTrimmedAvg with the same arithmetic on flat vectors, each reply folded in as it is validated
+   (:mod:`server.aggregate`); any other inner strategy (the central-DP wrappers) gets full float32
+   states ``global + delta`` and aggregates them with Flower's code;
 4. applies the server learning rate: ``global += server_lr * (aggregate - global)`` for the
    averaging strategies. For FedAdam the server step size is Flower's ``eta`` (``adam-eta``).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +35,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
-from client.wire import record_nbytes, record_to_state, state_to_record
+from client.wire import record_into, record_nbytes, record_to_state, state_to_record
+from server.aggregate import SortedStack, WeightedMean, adam_step
 from shared_model.config import FederationConfig
-from shared_model.exchange import ExchangeError, check_state, state_norm
+from shared_model.exchange import ExchangeError, FlatLayout, check_flat, check_state, state_norm
 
 log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
 
@@ -95,6 +100,36 @@ def _single_metrics(content: RecordDict, expected: tuple[str, ...]) -> MetricRec
     return metrics
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's automatic garbage collections for the block.
+
+    Folding in K replies allocates small containers (audit rows, records) that trigger automatic
+    collections escalating to full ones, each scanning every object of the K replies held: half
+    the aggregation time at K = 1,000. The caller collects the young generation after each reply
+    instead (cheap: only what that reply allocated): Flower's record views
+    (``content.array_records``) form reference cycles that keep the reply's ArrayRecord alive
+    until collected, so this is what frees a streamed reply's arrays.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _order_key(msg: Message) -> tuple[float, int]:
+    """(partition id, node id) of a reply; malformed replies (dropped later) sort last."""
+    try:
+        metrics = next(iter(msg.content.metric_records.values()))
+        partition = float(metrics["partition-id"])
+    except Exception:  # noqa: BLE001 - an error reply or broken metrics: validation says what
+        partition = math.inf
+    return (partition if math.isfinite(partition) else math.inf, int(msg.metadata.src_node_id))
+
+
 class GuardedStrategy(Strategy):
     """Validation, wire encoding, delta handling and server learning rate around a Flower strategy.
 
@@ -106,6 +141,10 @@ class GuardedStrategy(Strategy):
         server_lr: Step on the aggregated delta (ignored for FedAdam, which uses its ``eta``).
         train_metric_keys: The train replies' metric keys (``client.task.train_metric_keys``:
             with ``epsilon`` under local DP).
+        streaming: Aggregate flat deltas as replies are validated (:mod:`server.aggregate`) where
+            the inner strategy is one of Flower's FedAvg, FedProx, FedAdam, FedMedian,
+            FedTrimmedAvg; False hands every strategy full states (Flower's own aggregation,
+            all replies held), the reference the streaming path is tested against.
 
     Attributes:
         train_records / eval_records: Per-reply dicts of the last round (node id, partition id,
@@ -122,14 +161,18 @@ class GuardedStrategy(Strategy):
         max_update_norm: float = 0.0,
         server_lr: float = 1.0,
         train_metric_keys: tuple[str, ...] = TRAIN_METRIC_KEYS,
+        streaming: bool = True,
     ) -> None:
         self.inner = inner
         self.train_metric_keys = tuple(train_metric_keys)
         self.shapes = OrderedDict((k, tuple(v)) for k, v in shapes.items())
+        self.layout = FlatLayout(self.shapes)
+        self.streaming = streaming
         self.wire_dtype = wire_dtype
         self.max_update_norm = max_update_norm if max_update_norm > 0 else None
         self.server_lr = server_lr
         self.global_state: OrderedDict[str, torch.Tensor] | None = None
+        self.global_flat = torch.empty(0)
         self.train_records: list[dict[str, Any]] = []
         self.eval_records: list[dict[str, Any]] = []
         self.audit: list[dict[str, Any]] = []
@@ -153,6 +196,7 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample nodes through the inner strategy; send the global state in the wire dtype."""
         self.global_state = record_to_state(arrays)
+        self.global_flat = self.layout.flatten(self.global_state)
         self.audit = []
         return self._to_wire(self.inner.configure_train(server_round, arrays, config, grid), arrays)
 
@@ -164,11 +208,28 @@ class GuardedStrategy(Strategy):
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def validate_train_reply(self, msg: Message) -> tuple["OrderedDict[str, torch.Tensor]", MetricRecord, int]:
-        """Decode and check one train reply.
+    def _aggregator(self) -> WeightedMean | SortedStack | None:
+        """The flat aggregator for the inner strategy, or None: hand full states to Flower's."""
+        kind = type(self.inner)
+        if not self.streaming:
+            return None
+        if kind in (FedAvg, FedProx, FedAdam):
+            return WeightedMean(self.layout.numel)
+        if kind is FedMedian:
+            return SortedStack()
+        if kind is FedTrimmedAvg:
+            return SortedStack(self.inner.beta)
+        return None  # central DP wrappers and other strategies: Flower aggregates the full states
+
+    def validate_train_reply(self, msg: Message, out: torch.Tensor) -> tuple[MetricRecord, int, float]:
+        """Decode and check one train reply, writing its delta into ``out`` (D float32, layout order).
+
+        A reply in the canonical wire layout (``client.wire.record_into``) is checked in one pass
+        over its values (``check_flat``); any other reply goes through the per-tensor decoding and
+        ``check_state``, which name what is wrong. Same checks, same messages.
 
         Returns:
-            ``(delta, metrics, payload bytes)``.
+            ``(metrics, payload bytes, update norm)``.
 
         Raises:
             ReplyError / ExchangeError: Naming what is wrong.
@@ -180,38 +241,47 @@ class GuardedStrategy(Strategy):
             raise ReplyError(f"expected one ArrayRecord, got {len(content.array_records)}")
         metrics = _single_metrics(content, self.train_metric_keys)
         record = next(iter(content.array_records.values()))
-        delta = record_to_state(record)
-        check_state(delta, self.shapes, self.max_update_norm)
-        return delta, metrics, record_nbytes(record)
+        if record_into(record, self.layout, out):
+            norm = check_flat(out, self.layout, self.max_update_norm)
+        else:
+            delta = record_to_state(record)
+            check_state(delta, self.shapes, self.max_update_norm)
+            self.layout.flatten(delta, out)
+            norm = state_norm(delta)
+        return metrics, record_nbytes(record), norm
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, convert deltas to states, aggregate with the inner strategy, apply server lr."""
+        """Validate the replies and aggregate their deltas; apply the server learning rate.
+
+        FedAvg, FedProx, FedAdam, FedMedian and FedTrimmedAvg aggregate flat deltas
+        (:mod:`server.aggregate`): each reply is decoded into one reused vector, checked, folded
+        in, and its arrays dropped. A list of replies is folded in partition-id order (the result
+        does not depend on arrival order); a one-pass iterator is folded as it arrives, so only
+        one reply's arrays are held at a time. Other inner strategies (the central-DP wrappers)
+        get ``global + delta`` messages and aggregate them with Flower's code.
+        """
         if self.global_state is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        self.train_records = []
+        with _collector_paused():
+            return self._aggregate_train(server_round, replies)
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        aggregator = self._aggregator()
+        buffer = torch.empty(self.layout.numel, dtype=torch.float32)
+        ordered = sorted(enumerate(replies), key=lambda item: _order_key(item[1])) \
+            if isinstance(replies, Sequence) else enumerate(replies)
+        rows: dict[int, dict[str, Any]] = {}
+        audit: dict[int, dict[str, Any]] = {}
         accepted: list[tuple[tuple[float, int], Message]] = []
-        for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            self.audit.append({"round": server_round, "phase": "train", "node-id": node, **describe_message(msg)})
-            row: dict[str, Any] = {"node-id": node, "accepted": False, "reason": "", "bytes-down": self.bytes_down}
-            try:
-                delta, metrics, nbytes = self.validate_train_reply(msg)
-            except (ReplyError, ExchangeError) as err:
-                log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
-                row["reason"] = str(err)
-                self.train_records.append(row)
-                continue
-            row.update(accepted=True, **{k: float(v) for k, v in metrics.items()},
-                       **{"bytes-up": nbytes, "update-norm": state_norm(delta)})
-            self.train_records.append(row)
-            full = OrderedDict((k, (self.global_state[k] + delta[k]).numpy()) for k in self.shapes)
-            msg.content = RecordDict({
-                self.inner.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in full.items()}),
-                "metrics": metrics,
-            })
-            accepted.append(((float(metrics["partition-id"]), node), msg))
+        for position, msg in ordered:
+            audit[position], rows[position] = self._fold_in(server_round, msg, buffer, aggregator, accepted)
+            gc.collect(0)  # the young generation only: frees the reply's arrays (see _collector_paused)
+        self.audit += [audit[i] for i in sorted(audit)]
+        self.train_records = [rows[i] for i in sorted(rows)]
         if not accepted:
             log.warning("round %d: no valid reply; the global state is unchanged", server_round)
             return None, None
@@ -223,7 +293,53 @@ class GuardedStrategy(Strategy):
                         "y" if len(accepted) == 1 else "ies", min_replies)
             return None, None
         accepted.sort(key=lambda item: item[0])
-        agg_arrays, agg_metrics = self.inner.aggregate_train(server_round, [m for _, m in accepted])
+        if aggregator is None:
+            return self._flower_aggregate(server_round, [m for _, m in accepted])
+        metrics = self.inner.train_metrics_aggr_fn([m.content for _, m in accepted], self.inner.weighted_by_key)
+        delta = aggregator.result()
+        if isinstance(self.inner, FedAdam):
+            new_flat = adam_step(self.inner, self.layout, server_round, self.global_flat, delta)
+        else:
+            new_flat = self.global_flat + self.server_lr * delta
+        return state_to_record(self.layout.unflatten(new_flat), "float32"), metrics
+
+    def _fold_in(self, server_round: int, msg: Message, buffer: torch.Tensor,
+                 aggregator: WeightedMean | SortedStack | None,
+                 accepted: list[tuple[tuple[float, int], Message]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Validate one reply into ``buffer`` and fold it into ``aggregator`` (or, without one, turn
+        it into a full-state message for Flower), appending it to ``accepted``.
+
+        Returns:
+            The reply's audit entry and its train-record row.
+        """
+        node = int(msg.metadata.src_node_id)
+        audit = {"round": server_round, "phase": "train", "node-id": node, **describe_message(msg)}
+        row: dict[str, Any] = {"node-id": node, "accepted": False, "reason": "", "bytes-down": self.bytes_down}
+        try:
+            metrics, nbytes, norm = self.validate_train_reply(msg, buffer)
+        except (ReplyError, ExchangeError) as err:
+            log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
+            row["reason"] = str(err)
+            return audit, row
+        row.update(accepted=True, **{k: float(v) for k, v in metrics.items()},
+                   **{"bytes-up": nbytes, "update-norm": norm})
+        if aggregator is not None:
+            aggregator.add(buffer, float(metrics[self.inner.weighted_by_key]))
+            for name in list(msg.content.array_records):  # folded in: drop the arrays
+                del msg.content[name]
+        else:
+            full = self.layout.unflatten(self.global_flat + buffer)
+            msg.content = RecordDict({
+                self.inner.arrayrecord_key: ArrayRecord({k: Array(v.numpy()) for k, v in full.items()}),
+                "metrics": metrics,
+            })
+        accepted.append(((float(metrics["partition-id"]), node), msg))
+        return audit, row
+
+    def _flower_aggregate(self, server_round: int, replies: list[Message]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate full-state replies with the inner (Flower) strategy; apply the server lr."""
+        agg_arrays, agg_metrics = self.inner.aggregate_train(server_round, replies)
         if agg_arrays is None:
             return None, agg_metrics
         # Flower's aggregators may promote to float64 (FedAdam, trimmed mean): back to float32.

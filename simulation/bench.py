@@ -6,10 +6,11 @@ Three measurements:
    train message and once in the evaluate message) per round, for every wire dtype, measured on
    real ``client.wire.state_to_record`` records of the aggregation preset and of the simulated
    (tiny) preset.
-2. **Server aggregation**: wall time of :meth:`server.strategy.GuardedStrategy.aggregate_train`
-   (decode + validate + ``global + delta`` + FedAvg + re-encode) over K fake train replies built
-   exactly like ``client.app.train`` builds them, from random deltas of the preset's exchanged
-   shapes (1 x numel per tensor, any rank).
+2. **Server aggregation** (:mod:`simulation.bench_aggregation`): wall time of
+   :meth:`server.strategy.GuardedStrategy.aggregate_train` (decode + validate + aggregate +
+   re-encode) over K train replies built like ``client.app.train`` builds them, per wire dtype
+   (FedAvg) and per strategy (float32), next to one plain sum over the same K deltas stacked (the
+   limit); and the peak memory of aggregating K updates streamed or held.
 3. **Flower overhead**: N hospitals run ``rounds`` rounds of the tiny preset on synthetic data in
    this process (:class:`simulation.inprocess.InProcessGrid`, no transport), every ClientApp call
    and the server's global evaluation timed; what remains of the round's wall time is Flower's
@@ -32,6 +33,8 @@ from client.wire import record_nbytes, state_to_record
 from server.strategy import GuardedStrategy
 from shared_model.config import get_preset
 from shared_model.exchange import WIRE_DTYPES, get_exchanged_state, state_shapes
+from simulation.bench_aggregation import (STRATEGIES, memory_footprint, random_state, time_strategies,
+                                          train_metrics)
 from simulation.inprocess import InProcessGrid
 
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -40,8 +43,15 @@ DEFINITIONS = {
     "up_bytes": "one client's train reply: its delta as a wire ArrayRecord (tensor payload bytes)",
     "down_bytes": "the global state as one wire ArrayRecord; sent in the train and in the evaluate message",
     "down_bytes_per_round": "2 x down_bytes (train + federated evaluate message)",
-    "aggregation_seconds": "GuardedStrategy.aggregate_train over K replies (decode, check_state, global + delta, "
-                           "FedAvg, float32 re-encode); best of --repeats",
+    "aggregation_seconds": "GuardedStrategy.aggregate_train over K replies (decode, validation of keys, shapes, "
+                           "finite values and norm, FedAvg, float32 re-encode); median, min, max of --repeats",
+    "aggregation_scaling": "per K: 'limit' = one sum(dim=0) over the K float32 deltas stacked (K x D), and per "
+                           "strategy the seconds of aggregate_train (float32 wire), with ratio_to_limit = median / "
+                           "limit median; streaming = each reply folded into a running weighted sum (FedAvg, "
+                           "FedProx, FedAdam) rather than all deltas kept (FedMedian, FedTrimmedAvg)",
+    "aggregation_memory": "peak RSS above baseline while aggregating K fresh updates, each run in a fresh process: "
+                          "generator = replies produced one at a time (streaming), list = all replies held as a "
+                          "Flower Grid returns them, hold-all = all held and Flower's aggregation of full states",
     "round_seconds": "server wall time of one round (FederatedServer.run_round): train, aggregate, federated "
                      "evaluate, global evaluation",
     "client_app_seconds": "summed wall time inside ClientApp calls (model build, data load, wire decode/encode, "
@@ -57,12 +67,6 @@ DEFINITIONS = {
 
 
 # -- payload ------------------------------------------------------------------------------------
-
-
-def random_state(shapes: Mapping[str, tuple[int, ...]], scale: float, generator: torch.Generator
-                 ) -> "OrderedDict[str, torch.Tensor]":
-    """Normal(0, scale^2) float32 tensors of the given shapes."""
-    return OrderedDict((k, torch.randn(tuple(s), generator=generator) * scale) for k, s in shapes.items())
 
 
 def payload_bytes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, int]]:
@@ -81,15 +85,6 @@ def payload_bytes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, 
 
 
 # -- aggregation --------------------------------------------------------------------------------
-
-
-def train_metrics(partition_id: int, num_examples: int) -> MetricRecord:
-    """A train reply's metrics: every :data:`client.task.TRAIN_METRIC_KEYS` key, the others 0.5."""
-    from client.task import TRAIN_METRIC_KEYS
-
-    values = {key: 0.5 for key in TRAIN_METRIC_KEYS}
-    values.update({"num-examples": num_examples, "partition-id": partition_id})
-    return MetricRecord(values)
 
 
 def guarded_round(
@@ -123,24 +118,6 @@ def guarded_round(
                               "metrics": train_metrics(i, num_examples[i])})
         replies.append(Message(content=content, reply_to=by_node[node]))
     return strategy, replies
-
-
-def time_aggregation(shapes: Mapping[str, tuple[int, ...]], updates: int, wire_dtype: str,
-                     repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    """Best-of-``repeats`` seconds of ``aggregate_train`` over ``updates`` random deltas (scale 1e-3)."""
-    gen = torch.Generator().manual_seed(seed)
-    global_state = random_state(shapes, 0.02, gen)
-    deltas = [random_state(shapes, 1e-3, gen) for _ in range(updates)]
-    times = []
-    for _ in range(repeats):
-        strategy, replies = guarded_round(shapes, global_state, deltas, wire_dtype)
-        start = time.perf_counter()
-        arrays, _ = strategy.aggregate_train(1, replies)
-        times.append(time.perf_counter() - start)
-        if arrays is None or not all(r["accepted"] for r in strategy.train_records):
-            raise RuntimeError(f"aggregation benchmark: replies were dropped: {strategy.train_records[:1]}")
-    best = min(times)
-    return {"seconds": best, "ms_per_update": 1000 * best / updates}
 
 
 # -- one federated round in process -------------------------------------------------------------
@@ -225,10 +202,14 @@ def bench_inprocess_rounds(hospitals: int, rounds: int, local_steps: int, run_di
 # -- the command ----------------------------------------------------------------------------------
 
 
-def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100), rounds: int = 2,
+def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100, 1000), rounds: int = 2,
                 agg_preset: str = "base", local_steps: int = 2, repeats: int = 3,
-                run_dir: str | Path | None = None) -> dict[str, Any]:
-    """All three measurements (see the module docstring) as one JSON-serialisable dict."""
+                run_dir: str | Path | None = None, strategies: tuple[str, ...] = STRATEGIES,
+                memory_updates: int = 1000, memory_cap_gb: float = 4.0) -> dict[str, Any]:
+    """All three measurements (see the module docstring) as one JSON-serialisable dict.
+
+    ``memory_updates`` = 0 skips the memory runs.
+    """
     if hospitals < 1 or rounds < 1 or local_steps < 1 or repeats < 1 or any(u < 1 for u in updates):
         raise ValueError("bench round: --hospitals, --rounds, --local-steps, --repeats and --updates must be >= 1")
     from shared_model.modeling.prompt_sam import build_model
@@ -236,9 +217,14 @@ def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100), rounds
     start = time.perf_counter()
     agg_shapes = OrderedDict((k, tuple(v)) for k, v in state_shapes(build_model(get_preset(agg_preset))).items())
     tiny_shapes = OrderedDict((k, tuple(v)) for k, v in state_shapes(build_model(get_preset("tiny"))).items())
-    aggregation = {
-        dtype: {str(k): time_aggregation(agg_shapes, k, dtype, repeats) for k in updates} for dtype in WIRE_DTYPES
-    }
+    aggregation = {}
+    for dtype in WIRE_DTYPES:
+        timed = time_strategies(agg_shapes, updates, ("fedavg",), dtype, repeats)
+        aggregation[dtype] = {k: {"seconds": row["strategies"]["fedavg"]["median"],
+                                  "ms_per_update": 1000 * row["strategies"]["fedavg"]["median"] / int(k),
+                                  **row["strategies"]["fedavg"]} for k, row in timed.items()}
+    scaling = time_strategies(agg_shapes, updates, tuple(strategies), "float32", repeats)
+    memory = memory_footprint(agg_shapes, memory_updates, memory_cap_gb) if memory_updates > 0 else []
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         rounds_out = bench_inprocess_rounds(hospitals, rounds, local_steps, Path(run_dir or tmp))
     return {
@@ -254,7 +240,28 @@ def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100), rounds
             "simulated_preset_per_client_per_round": payload_bytes(tiny_shapes),
         },
         "aggregation_seconds": {"preset": agg_preset, "strategy": "fedavg", "by_wire_dtype": aggregation},
+        "aggregation_scaling": {"preset": agg_preset, "wire_dtype": "float32", "by_updates": scaling},
+        "aggregation_memory": memory,
         "flower_overhead": {"preset": "tiny", "wire_dtype": "float32", "per_round": rounds_out},
         "definitions": DEFINITIONS,
         "bench_seconds": time.perf_counter() - start,
     }
+
+
+def format_aggregation(result: dict[str, Any]) -> str:
+    """The aggregation-scaling and memory sections of :func:`bench_round` as a text table."""
+    scaling = result["aggregation_scaling"]["by_updates"]
+    names = list(next(iter(scaling.values()))["strategies"]) if scaling else []
+    lines = [f"validate + aggregate, {result['aggregation_scaling']['preset']} state, float32, seconds: "
+             "median (min-max) and ratio to the limit (one sum over the stacked deltas)",
+             f"{'updates':>8} {'limit':>8} " + " ".join(f"{n:>26}" for n in names)]
+    for k, row in scaling.items():
+        cells = [f"{t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) {t['ratio_to_limit']:4.1f}x"
+                 for t in row["strategies"].values()]
+        lines.append(f"{k:>8} {row['limit']['median']:8.4f} " + " ".join(f"{c:>26}" for c in cells))
+    for m in result["aggregation_memory"]:
+        what = f"{m['strategy']} {m['variant']}, {m['updates']} updates"
+        lines.append(f"peak memory {what}: " + (m["skipped"] if "skipped" in m else
+                     f"{m['peak_rss_above_base_bytes'] / 2**20:,.0f} MiB above baseline "
+                     f"({m['peak_in_updates']:.1f} updates' worth)"))
+    return "\n".join(lines)

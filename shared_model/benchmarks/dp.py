@@ -15,6 +15,7 @@ import torch
 
 from shared_model.benchmarks.timing import NO_DIFFERENCE, interleaved, paired_ratio, ratio_text, verdict
 from shared_model.config import GRAD_SAMPLE_MODES, get_preset
+from shared_model.config.privacy import DP_BENCH_MODES
 from shared_model.modeling.prompt_sam import build_model
 from shared_model.training.loop import resolve_device
 from shared_model.training.opacus_compat import DPOptimizer
@@ -27,7 +28,7 @@ def bench_dp_step(
     steps: int = 5,
     device: str = "cpu",
     warmup: int = 1,
-    modes: Sequence[str] = GRAD_SAMPLE_MODES,
+    modes: Sequence[str] = DP_BENCH_MODES,
 ) -> dict[str, Any]:
     """Time a DP-SGD step per mode against the non-DP step on the same batch, interleaved.
 

@@ -8,7 +8,9 @@ from shared_model.config.parse import ConfigError, _field
 
 
 DP_ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("microbatch", "batched")
+GRAD_SAMPLE_MODES = ("microbatch", "batched", "vmap", "auto")
+# The modes `bench dp` times ("auto" runs one of the others).
+DP_BENCH_MODES = ("microbatch", "batched", "vmap")
 CENTRAL_DP_MODES = ("off", "fixed", "adaptive")
 
 
@@ -30,8 +32,9 @@ class PrivacyConfig:
     planned_steps: int = 0
     accountant: str = "rdp"  # one of DP_ACCOUNTANTS
     # How per-example gradients are computed (one of GRAD_SAMPLE_MODES): "microbatch" runs each
-    # example alone; "batched" runs one forward pass and one backward pass per example.
-    grad_sample_mode: str = "microbatch"
+    # example alone; "batched" runs one forward pass and one backward pass per example; "vmap" one
+    # vectorised pass (torch.func); "auto" vmap, else microbatch with a log line saying why.
+    grad_sample_mode: str = "auto"
     # Seed of the noise and of Poisson sampling; -1 = OS entropy. A fixed seed lets anyone who
     # knows it remove the noise: for tests only.
     noise_seed: int = -1

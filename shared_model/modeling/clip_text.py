@@ -63,12 +63,16 @@ class ClipText(nn.Module):
             self.ctx.requires_grad_(True)
         self.adapted = True
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vmappable: bool = False) -> torch.Tensor:
         """Encode tokenised texts.
 
         Args:
             input_ids: B x L int64 token ids, ``[CLS]`` first (from :mod:`shared_model.modeling.tokenizer`).
             attention_mask: B x L, 1 on real tokens and 0 on padding.
+            vmappable: Read no value back to the host, so that ``torch.func.vmap`` can map the
+                call: the ids' range is not checked (the caller did: :meth:`check_token_ids`) and
+                the attention mask goes to the transformer as the 4D mask it would build itself
+                (transformers tests whether a 2D mask can be skipped, which vmap cannot batch).
 
         Returns:
             B x E text embeddings (not normalised).
@@ -84,14 +88,30 @@ class ClipText(nn.Module):
             raise ValueError(
                 f"ClipText: {length} tokens + {self.n_ctx} context vectors exceed max_position_embeddings {limit}"
             )
-        vocab = self.cfg.text.vocab_size
-        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-            raise ValueError(f"ClipText: token ids must lie in [0, vocab_size={vocab})")
+        if not vmappable:
+            self.check_token_ids(input_ids)
         embeds = self.transformer.embeddings.word_embeddings(input_ids)
         mask = attention_mask.to(torch.long)
         if self.ctx is not None:
             ctx = self.ctx.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             embeds = torch.cat([embeds[:, :1], ctx, embeds[:, 1:]], dim=1)
             mask = torch.cat([mask[:, :1], mask.new_ones(batch, self.n_ctx), mask[:, 1:]], dim=1)
+        if vmappable:
+            mask = _mask_4d(mask, embeds.dtype, self.transformer.config._attn_implementation)
         out = self.transformer(inputs_embeds=embeds, attention_mask=mask)
         return self.proj(self.pooler(out, mask))
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError unless every id lies in ``[0, vocab_size)``."""
+        vocab = self.cfg.text.vocab_size
+        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            raise ValueError(f"ClipText: token ids must lie in [0, vocab_size={vocab})")
+
+
+def _mask_4d(mask: torch.Tensor, dtype: torch.dtype, attention: str) -> torch.Tensor:
+    """B x L padding mask -> the B x 1 x 1 x L mask transformers passes to its attention: boolean
+    (True = attend) for SDPA, else additive (0 or the dtype's minimum)."""
+    keep = mask.bool()[:, None, None, :]
+    if attention == "sdpa":
+        return keep
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)

@@ -144,7 +144,13 @@ def saliency_loss(sal: Tensor, target: Tensor) -> Tensor:
 
 
 def total_loss(parts: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of the loss parts present.
+    """Weighted sum of the loss parts present, and every part as a float (:func:`total_loss_terms`)."""
+    total, terms = total_loss_terms(parts, cfg)
+    return total, {name: float(value.detach()) for name, value in terms.items()}
+
+
+def total_loss_terms(parts: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the loss parts present (no host synchronisation: usable under ``torch.func.vmap``).
 
     Weights come from ``cfg`` (``dice``, ``bce``, ``nce``, ``ib``, ``saliency``); missing parts are
     skipped, parts with weight 0 are logged but not added.
@@ -154,8 +160,8 @@ def total_loss(parts: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[
         cfg: Loss weights.
 
     Returns:
-        ``(total, log)``: the scalar total and a dict of floats with every unweighted part and
-        ``"total"``.
+        ``(total, terms)``: the scalar total and a dict of scalar tensors with every unweighted
+        part and ``"total"``.
 
     Raises:
         ValueError: On an unknown part name, a non-scalar part, or no parts at all.
@@ -166,7 +172,7 @@ def total_loss(parts: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[
     if not parts:
         raise ValueError("total_loss: no loss parts given")
     total: Tensor | None = None
-    log: dict[str, float] = {}
+    log: dict[str, Tensor] = {}
     for name in LOSS_NAMES:
         if name not in parts:
             continue
@@ -176,14 +182,14 @@ def total_loss(parts: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[
                 f"total_loss: part {name!r} must be a scalar, got {tuple(value.shape)}"
             )
         value = value.reshape(()).float()
-        log[name] = float(value.detach())
+        log[name] = value.detach()
         weight = float(getattr(cfg, name))
         if weight == 0.0:
             continue
         total = weight * value if total is None else total + weight * value
     if total is None:  # every part present had weight 0
         total = sum(parts[name].reshape(()).float() for name in parts) * 0.0
-    log["total"] = float(total.detach())
+    log["total"] = total.detach()
     return total, log
 
 

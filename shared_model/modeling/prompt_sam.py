@@ -73,6 +73,25 @@ class PromptSAMOutput:
 BOX_SOURCES = ("saliency", "ground-truth")
 
 
+@dataclass(frozen=True)
+class TextTokens:
+    """Prompts already tokenised (:meth:`PromptSAM.tokenize`), accepted wherever texts are.
+
+    ``torch.func.vmap`` maps over tensors, not strings: per-example gradients map over these
+    (the text tower then runs in its vmappable form, :meth:`ClipText.forward`).
+
+    Attributes:
+        ids: B x L int64 token ids, checked against the text tower's vocabulary.
+        mask: B x L attention mask.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
 class PromptSAM(nn.Module):
     """Text-prompted SAM; parts are passed in (see :func:`build_model`)."""
 
@@ -130,11 +149,37 @@ class PromptSAM(nn.Module):
         boxes, valid = mask_boxes(masks)
         return {"boxes": boxes, "box_valid": valid}
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Texts -> B x E text embeddings (with the learnable context)."""
+    def tokenize(self, texts: Sequence[str]) -> TextTokens:
+        """Texts -> :class:`TextTokens` (ids checked against the vocabulary once, here)."""
         ids, mask = self.tokenizer(list(texts))
+        self.clip_text.check_token_ids(ids)
+        return TextTokens(ids, mask)
+
+    def encode_text(self, texts: Sequence[str] | TextTokens) -> torch.Tensor:
+        """Texts (or their tokens) -> B x E text embeddings (with the learnable context)."""
+        if not isinstance(texts, TextTokens):
+            ids, mask = self.tokenizer(list(texts))
+            device = next(self.clip_text.parameters()).device
+            return self.clip_text(ids.to(device), mask.to(device))
         device = next(self.clip_text.parameters()).device
-        return self.clip_text(ids.to(device), mask.to(device))
+        return self.clip_text(texts.ids.to(device), texts.mask.to(device), vmappable=True)
+
+    @torch.no_grad()
+    def derive_boxes(self, images: torch.Tensor, texts: Sequence[str] | TextTokens
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box prompts :meth:`forward` derives from the saliency (text, CLIP to the bottleneck,
+        CRF), without gradient. Passed back as ``prompt_boxes``, they let the rest of the forward
+        run under ``torch.func.vmap``, which cannot run the data-dependent box search.
+
+        Returns:
+            (B x K x 4 boxes, B x K bool validity).
+        """
+        h, w = images.shape[-2:]
+        text_emb = self.encode_text(texts)
+        tokens = self.clip_vision.forward_to(self.clip_vision.preprocess(images), self.cfg.bottleneck.layer)
+        saliency = saliency_from_kl(self.bottleneck(tokens, text_emb).kl, self.clip_vision.grid, (h, w))
+        boxes, valid = saliency_to_boxes(self.crf(saliency, images), self.cfg.boxes, self.image_size)
+        return boxes.to(images.device), valid.to(images.device)
 
     def forward(
         self,
@@ -143,17 +188,21 @@ class PromptSAM(nn.Module):
         boxes: torch.Tensor | None = None,
         box_valid: torch.Tensor | None = None,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompt_boxes: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PromptSAMOutput:
         """Run the pipeline.
 
         Args:
             images: B x 3 x S x S in [0, 1], S = ``cfg.sam.image_size``.
-            texts: B prompts.
+            texts: B prompts (or their :class:`TextTokens`).
             boxes: Optional user boxes B x K x 4 (x0, y0, x1, y1, input pixels) replacing the
                 saliency-derived boxes.
             box_valid: B x K bool for user boxes (default all valid).
             points: Optional user clicks (coords B x P x 2 in input pixels, labels B x P with
                 1 = foreground, 0 = background). With points and no boxes, no box prompt is used.
+            prompt_boxes: The model's own box prompts for these images, not validated: the
+                saliency boxes from :meth:`derive_boxes` (instead of deriving them again) or the
+                ground-truth oracle's (:meth:`oracle_prompts`).
 
         Returns:
             :class:`PromptSAMOutput`.
@@ -189,9 +238,10 @@ class PromptSAM(nn.Module):
                 if box_valid is None
                 else box_valid.to(images.device)
             )
-        elif points is None and self.uses_saliency_boxes:
-            boxes, box_valid = saliency_to_boxes(refined.detach(), cfg.boxes, self.image_size)
-            boxes, box_valid = boxes.to(images.device), box_valid.to(images.device)
+        elif points is None and (prompt_boxes is not None or self.uses_saliency_boxes):
+            if prompt_boxes is None:
+                prompt_boxes = saliency_to_boxes(refined.detach(), cfg.boxes, self.image_size)
+            boxes, box_valid = prompt_boxes[0].to(images.device), prompt_boxes[1].to(images.device)
         else:
             boxes = images.new_zeros(b, 0, 4)
             box_valid = torch.zeros(b, 0, dtype=torch.bool, device=images.device)
@@ -285,6 +335,13 @@ class PromptSAM(nn.Module):
         Returns:
             (scalar loss, dict of each unweighted part and the total as floats).
         """
+        loss, terms = self.compute_loss_terms(out, masks)
+        return loss, {name: float(value) for name, value in terms.items()}
+
+    def compute_loss_terms(
+        self, out: PromptSAMOutput, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`compute_losses` with the parts as detached scalar tensors (no host sync: vmap-safe)."""
         cfg = self.cfg.loss
         logits = out.mask_logits.float()
         parts = {
@@ -303,7 +360,7 @@ class PromptSAM(nn.Module):
                 cfg.nce_beta1,
                 cfg.nce_beta2,
             )
-        return L.total_loss(parts, cfg)
+        return L.total_loss_terms(parts, cfg)
 
 
 def build_model(cfg: ModelConfig | str) -> PromptSAM:

@@ -13,7 +13,8 @@ from shared_model.modeling.prompt_sam import build_model
 
 def test_bench_round_prints_costs_as_json(one_thread, capsys):
     argv = ["bench", "round", "--hospitals", "2", "--updates", "2", "3", "--rounds", "1", "--agg-preset", "tiny",
-            "--local-steps", "1", "--repeats", "1", "--json"]
+            "--local-steps", "1", "--repeats", "2", "--strategies", "fedavg", "fedmedian", "--memory-updates", "4",
+            "--memory-cap-gb", "0.001", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"payload", "aggregation_seconds", "flower_overhead", "definitions"} <= set(result)
@@ -30,6 +31,21 @@ def test_bench_round_prints_costs_as_json(one_thread, capsys):
 
     for by_k in result["aggregation_seconds"]["by_wire_dtype"].values():
         assert set(by_k) == {"2", "3"} and all(v["seconds"] > 0 for v in by_k.values())
+    scaling = result["aggregation_scaling"]["by_updates"]
+    assert set(scaling) == {"2", "3"}
+    for row in scaling.values():
+        assert row["limit"]["repeats"] == 2 and row["limit"]["median"] > 0
+        assert set(row["strategies"]) == {"fedavg", "fedmedian"}
+        for timing in row["strategies"].values():
+            assert timing["min"] <= timing["median"] <= timing["max"] and timing["repeats"] == 2
+            assert timing["ratio_to_limit"] == pytest.approx(timing["median"] / row["limit"]["median"])
+        assert row["strategies"]["fedavg"]["streaming"] and not row["strategies"]["fedmedian"]["streaming"]
+    memory = {(m["strategy"], m["variant"]): m for m in result["aggregation_memory"]}
+    assert set(memory) == {("fedavg", "generator"), ("fedavg", "list"), ("fedavg", "hold-all"),
+                           ("fedmedian", "generator")}
+    assert "--memory-cap-gb 0.001" in memory["fedavg", "hold-all"]["skipped"]
+    for key in [("fedavg", "generator"), ("fedavg", "list"), ("fedmedian", "generator")]:
+        assert memory[key]["updates"] == 4 and memory[key]["peak_rss_above_base_bytes"] >= 0
 
     (rnd,) = result["flower_overhead"]["per_round"]
     assert rnd["accepted"] == 2
@@ -45,6 +61,13 @@ def test_bench_round_prints_costs_as_json(one_thread, capsys):
     f32 = result["payload"]["simulated_preset_per_client_per_round"]["float32"]
     assert rnd["measured_bytes_up"] == 2 * f32["up_bytes"]
     assert rnd["measured_bytes_down"] == 2 * f32["down_bytes_per_round"]
+
+
+def test_bench_round_strategy_choices_are_the_benchmarked_ones():
+    from cli.bench import AGG_STRATEGIES
+    from simulation.bench_aggregation import STRATEGIES
+
+    assert AGG_STRATEGIES == STRATEGIES
 
 
 def test_bench_round_rejects_bad_sizes(capsys):

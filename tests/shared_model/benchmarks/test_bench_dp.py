@@ -9,7 +9,7 @@ from shared_model.benchmarks.dp import bench_dp_step, format_bench
 
 def test_bench_dp_step_reports_every_mode_with_paired_ratios():
     result = bench_dp_step("tiny", batch_size=1, steps=2, warmup=0)
-    assert result["modes"] == ["microbatch", "batched"]
+    assert result["modes"] == ["microbatch", "batched", "vmap"]
     assert result["non_dp_s"] > 0 and result["dp_microbatch_s"] > 0 and result["dp_batched_s"] > 0
     assert result["seconds"]["non_dp"]["repeats"] == 2 and result["warmup"] == 0
     ratio = result["ratio_batched"]

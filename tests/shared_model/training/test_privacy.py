@@ -100,7 +100,7 @@ def stack(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["microbatch", "batched"])
+@pytest.mark.parametrize("mode", ["microbatch", "batched", "vmap"])
 @pytest.mark.parametrize("variant", ["tiny", "tiny, every option"])
 def test_per_example_gradients_match_each_example_alone(models, variant, mode):
     model = models[variant].eval()  # no dropout or bottleneck noise: both sides see one function
@@ -128,6 +128,47 @@ def test_per_example_gradients_match_each_example_alone(models, variant, mode):
     assert silent == []
     assert not torch.allclose(grads["clip_text.ctx"][0], grads["clip_text.ctx"][1])
     assert not torch.allclose(grads["prompts.sparse.scale"][0], grads["prompts.sparse.scale"][2])
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny, every option"])
+def test_vmap_gradients_equal_the_microbatch_ones(models, variant):
+    model = models[variant].eval()
+    images, masks, texts = stack(examples(4))
+    texts[3] = "a much longer description of one flat polyp with more padding tokens"  # other lengths
+    reference, reference_logs = per_example_gradients(model, images, masks, texts, "microbatch")
+    grads, logs = per_example_gradients(model, images, masks, texts, "vmap")
+    assert list(grads) == list(reference)
+    for name, expected in reference.items():
+        assert grads[name].shape == expected.shape and grads[name].dtype == torch.float32
+        for i in range(4):  # each image at its own scale
+            error = float((grads[name][i] - expected[i]).abs().max())
+            assert error <= 1e-7 + 1e-5 * float(expected[i].abs().max()), f"{name} #{i}: {error}"
+    for got, want in zip(logs, reference_logs):
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_auto_mode_falls_back_to_microbatch_once_saying_why(model, monkeypatch, caplog):
+    import shared_model.training.privacy as privacy
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("vmap: It looks like you're calling .item() on a Tensor")
+
+    monkeypatch.setattr(privacy, "vmap_gradients", refuse)
+    monkeypatch.setattr(privacy, "_VMAP_REFUSED", privacy.weakref.WeakKeyDictionary())
+    model = model.eval()
+    images, masks, texts = stack(examples(2))
+    reference, _ = per_example_gradients(model, images, masks, texts, "microbatch")
+    with caplog.at_level("WARNING", logger="shared_model.training.privacy"):
+        for _ in range(2):
+            grads, _ = per_example_gradients(model, images, masks, texts, "auto")
+            for name in reference:
+                assert torch.equal(grads[name], reference[name])
+    assert len(calls) == 1  # not retried on the same model
+    assert "vmap failed on this model (RuntimeError: vmap: It looks like you're calling .item()" in caplog.text
+    assert "using the microbatch mode instead" in caplog.text
 
 
 def test_dhn_nce_is_refused_under_dp():

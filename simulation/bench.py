@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from client.wire import record_nbytes, state_to_record

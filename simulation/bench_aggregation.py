@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from client.task import TRAIN_METRIC_KEYS
 from client.wire import state_to_record
 from server.strategy import GuardedStrategy, build_inner_strategy
-from shared_model.benchmarks.record import spread
+from shared_model.benchmarks.timing import spread
 from shared_model.config import FederationConfig
 from simulation.inprocess import InProcessGrid
 

@@ -9,8 +9,10 @@ augmentation and noise follow ``train.seed``). Rows whose box prompts come from 
 report how often those boxes find the polyp (box IoU >= 0.5 with the mask's box, and the fraction
 of polyp pixels inside the boxes).
 
-Output folder: ``config.yaml`` (resolved), ``results.json`` (after every job, so an interrupted
-ablation resumes), ``ablation.md`` and ``ablation.csv``.
+The step time of each row is measured apart from training (:func:`time_rows`: one step of every
+row on the same batch, interleaved, 1 thread), as training times depend on what else the machine
+runs. Output folder: ``config.yaml`` (resolved), ``results.json`` (after every job, so an
+interrupted ablation resumes), ``ablation.md`` and ``ablation.csv``.
 """
 
 from __future__ import annotations
@@ -115,6 +117,52 @@ def run_job(raw: dict[str, Any], row: str, seed: int, centres: list[str], steps:
     return info
 
 
+def time_rows(raw: dict[str, Any], rows: list[str], batch_size: int, warmup: int = 2, repeats: int = 7,
+              threads: int = 1) -> dict[str, Any]:
+    """One training step (forward, backward, AdamW) of every row's model on the same batch, timed
+    interleaved (:func:`~shared_model.benchmarks.timing.interleaved`), so that load changes hit
+    every row alike; ratios to the SAMed-style row (or the first row) are paired by repeat.
+
+    Returns:
+        ``{"threads", "batch_size", "warmup", "repeats", "load_average": [start, end], "rows":
+        {row: {"wall", "cpu"} spreads, "ratio": paired wall-time ratio to the reference}}}``.
+    """
+    import torch
+
+    from shared_model.benchmarks.record import load_average
+    from shared_model.benchmarks.timing import interleaved, paired_ratio
+    from shared_model.config import model_config_from_dict
+    from shared_model.modeling.prompt_sam import build_model
+
+    torch.set_num_threads(threads)
+    exp = parse_experiment(copy.deepcopy(raw), "ablation timing")
+    size = model_config_from_dict(exp.model).sam.image_size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 3, size, size, generator=gen)
+    masks = torch.zeros(batch_size, 1, size, size)
+    masks[:, :, size // 4: size // 2, size // 3: 2 * size // 3] = 1
+    texts = ["polyp"] * batch_size
+
+    def step_fn(row: str):
+        model = build_model(model_config_from_dict(row_model(exp, row))).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            loss, _ = model.compute_losses(model(images, texts, **model.oracle_prompts(masks)), masks)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    start = load_average()
+    timed = interleaved({row: step_fn(row) for row in rows}, warmup, repeats)
+    reference = "samed" if "samed" in rows else rows[0]
+    for row in rows:
+        timed[row]["ratio"] = paired_ratio(timed[row]["wall"]["all"], timed[reference]["wall"]["all"])
+    return {"threads": threads, "batch_size": batch_size, "warmup": warmup, "repeats": repeats,
+            "reference": reference, "load_average": [start, load_average()], "rows": timed}
+
+
 def run_ablation(config: str | Path, out: str | Path, overrides: Mapping[str, Any] | None = None,
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the ablation into ``out``; return its results and write the tables.
@@ -165,6 +213,10 @@ def run_ablation(config: str | Path, out: str | Path, overrides: Mapping[str, An
             for future in as_completed(futures):
                 a = futures[future]
                 record(a[1], a[2], future.result())
+    if set(results.get("step_time", {}).get("rows", {})) != set(cfg.rows):
+        echo("timing one training step of every row, interleaved ...")
+        results["step_time"] = time_rows(raw, cfg.rows, exp.train.batch_size)
+        results_path.write_text(json.dumps(results, indent=1))
     from simulation.ablation_report import write_tables
 
     files = write_tables(out, results, cfg, centres, exp, {row: label for row, (label, _) in ROWS.items()})

@@ -58,6 +58,15 @@ def _cell(rows: list[dict[str, Any]], row: str, test: str, metric: str, digits: 
     return "-"
 
 
+def _step_time(timing: dict[str, Any], row: str) -> str:
+    entry = (timing.get("rows") or {}).get(row)
+    if not entry:
+        return "-"
+    wall, ratio = entry["wall"], entry["ratio"]
+    return (f"{wall['median']:.3f} s ({wall['min']:.3f}-{wall['max']:.3f}), "
+            f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})")
+
+
 def _baseline(results: dict[str, Any], centre: str | None, key: str) -> float:
     values = [r[key] for r in results["baseline"]["baseline_per_image"] if centre is None or r["centre"] == centre]
     return float(np.mean(values)) if values else math.nan
@@ -77,16 +86,23 @@ def markdown(results: dict[str, Any], rows: list[str], centres: list[str], cfg: 
              "metrics at each mask's own resolution. Cells: mean over seeds +- std over seeds. "
              f"Machine: {env.get('machine', '?')}, torch threads per job as recorded; commit {env.get('commit')}.",
              ""]
+    timing = results.get("step_time") or {}
+    if timing:
+        start, end = timing["load_average"]
+        lines += [f"Step time: one training step (batch {timing['batch_size']}) of every row on the same batch, "
+                  f"interleaved, {timing['repeats']} repeats after {timing['warmup']} warm-up, "
+                  f"{timing['threads']} thread; median (min-max) and the ratio to the "
+                  f"{labels[timing['reference']]} row paired by repeat; load average {start} at start, {end} at end.", ""]
     for metric, title, digits in (("dice", "Test Dice", 3), ("hd95", "Test HD95 (image pixels, lower is better)", 1)):
-        lines += [f"## {title}", "", "| row | " + " | ".join(tests) + " | s/step | trainable |",
+        lines += [f"## {title}", "", "| row | " + " | ".join(tests) + " | step time | trainable |",
                   "|---|" + "---|" * (len(tests) + 2)]
         for row in rows:
-            timing = next((r for r in summary if r["row"] == row), None)
-            if timing is None:
+            first = next((r for r in summary if r["row"] == row), None)
+            if first is None:
                 continue
             cells = [_cell(summary, row, t, metric, digits) for t in tests]
             lines.append(f"| {labels[row]} | " + " | ".join(cells) +
-                         f" | {timing['seconds_per_step']:.3f} | {timing['trainable']:,} |")
+                         f" | {_step_time(timing, row)} | {first['trainable']:,} |")
         base = [f"{_baseline(results, None if t == POOLED else t, metric):.{digits}f}" for t in tests]
         lines += ["| constant mask (mean training mask) | " + " | ".join(base) + " | - | 0 |", ""]
     box_rows = [r for r in rows if any(s["row"] == r and s["metric"] == "box_hit" for s in summary)]

@@ -54,7 +54,10 @@ def test_ablation_trains_every_row_writes_tables_and_resumes(tmp_path, synthetic
     for label in ("SAMed-style", "+ boxes from saliency", "ground-truth boxes", "constant mask",
                   "Do the saliency boxes find the polyp?"):
         assert label in table
-    assert "s/step" in table and (out / "ablation.csv").is_file()
+    assert "step time" in table and (out / "ablation.csv").is_file()
+    timing = results["step_time"]
+    assert set(timing["rows"]) == {"samed", "saliency-boxes", "user-boxes"} and timing["reference"] == "samed"
+    assert timing["rows"]["samed"]["ratio"]["median"] == 1.0 and timing["rows"]["samed"]["wall"]["repeats"] == 7
     stamp = (out / "results.json").stat().st_mtime_ns
     again = run_ablation(config, out, echo=lines.append)  # resumes: nothing left to train
     assert again["jobs"] == json.loads((out / "results.json").read_text())["jobs"]

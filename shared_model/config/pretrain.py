@@ -167,10 +167,17 @@ def check_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError("pretrain.task_fraction: must be 0 without data.sources (no task folders to draw)")
 
 
+# How SAM's encoder computes, not what it computes (outputs equal within tolerance, tested).
+SAM_RUNTIME_FIELDS = ("attention", "activation_checkpointing")
+
+
 def pretrain_fingerprint(cfg: PretrainConfig) -> str:
-    """sha256 (hex) of the canonical JSON of ``cfg`` without :data:`RUNTIME_FIELDS`."""
+    """sha256 (hex) of the canonical JSON of ``cfg`` without :data:`RUNTIME_FIELDS` and the
+    model's :data:`SAM_RUNTIME_FIELDS`."""
     data = to_dict(cfg)
     for name in RUNTIME_FIELDS:
         data["pretrain"].pop(name)
+    for name in SAM_RUNTIME_FIELDS:
+        data["model"]["sam"].pop(name)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

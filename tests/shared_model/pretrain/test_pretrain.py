@@ -120,6 +120,9 @@ def test_fingerprint_follows_the_weights_not_the_watching():
     same = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, progress=True, log_every=7,
                                                                  save_every=9, time_limit_s=60.0))
     assert pretrain_fingerprint(same) == pretrain_fingerprint(cfg)
+    how = dataclasses.replace(cfg, model=get_preset("tiny", {"sam": {"attention": "sam",
+                                                                     "activation_checkpointing": True}}))
+    assert pretrain_fingerprint(how) == pretrain_fingerprint(dataclasses.replace(cfg, model=get_preset("tiny")))
     for changed in (dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, lr=1e-3)),
                     dataclasses.replace(cfg, scenes=ScenesConfig(frames=5)),
                     dataclasses.replace(cfg, model=get_preset("tiny", {"sam": {"depth": 2,

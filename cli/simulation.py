@@ -30,21 +30,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from simulation.comparison import load_comparison, run_comparison
 
     if "ablation" in load_yaml(args.config):
-        from simulation.ablation import load_ablation, run_ablation
+        from simulation.ablation import load_ablation as load, run_ablation as run
 
-        out = args.out
-        if out is None:
-            exp, _, _ = load_ablation(args.config, _parse_set(args.set))
-            out = Path.cwd() / "runs" / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_ablation(args.config, out, _parse_set(args.set))
-        print((Path(out) / "ablation.md").read_text())
-        return 0
+        table = "ablation.md"
+    else:
+        load, run, table = load_comparison, run_comparison, "table.md"
+    overrides = _parse_set(args.set)
     out = args.out
     if out is None:
-        exp, _, _ = load_comparison(args.config, _parse_set(args.set))
+        exp, _, _ = load(args.config, overrides)
         out = Path.cwd() / "runs" / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_comparison(args.config, out, _parse_set(args.set))
-    print((Path(out) / "table.md").read_text())
+    run(args.config, out, overrides)
+    print((Path(out) / table).read_text())
     return 0
 
 

@@ -216,15 +216,20 @@ def test_item_format(synthetic_root):
     assert batch["image"].shape == (2, 3, 48, 48) and len(batch["text"]) == 2
 
 
-def test_resize_bilinear_image_and_nearest_mask(tmp_path):
+def _red_blue_pair(root):
+    """One 30 x 40 pair: the left half red with its mask, the right half blue."""
     image = np.zeros((30, 40, 3), np.uint8)
     image[:, :20] = (255, 0, 0)
     image[:, 20:] = (0, 0, 255)
-    _write(tmp_path / "c" / "images" / "s.png", image)
+    _write(root / "c" / "images" / "s.png", image)
     mask = np.zeros((30, 40), np.uint8)
     mask[:, :20] = 255
-    _write(tmp_path / "c" / "masks" / "s.png", mask)
-    samples, _ = list_samples(tmp_path)
+    _write(root / "c" / "masks" / "s.png", mask)
+    return list_samples(root)[0]
+
+
+def test_resize_bilinear_image_and_nearest_mask(tmp_path):
+    samples = _red_blue_pair(tmp_path)
     item = PolypDataset(samples, 16, prompt_mode="class", resize="squash")[0]
     img, m = item["image"], item["mask"][0]
     assert torch.all(img[0, :, :7] == 1.0) and torch.all(img[2, :, :7] == 0.0)
@@ -234,14 +239,7 @@ def test_resize_bilinear_image_and_nearest_mask(tmp_path):
 
 
 def test_letterbox_keeps_the_aspect_ratio_and_pads_the_bottom(tmp_path):
-    image = np.zeros((30, 40, 3), np.uint8)
-    image[:, :20] = (255, 0, 0)
-    image[:, 20:] = (0, 0, 255)
-    _write(tmp_path / "c" / "images" / "s.png", image)
-    mask = np.zeros((30, 40), np.uint8)
-    mask[:, :20] = 255
-    _write(tmp_path / "c" / "masks" / "s.png", mask)
-    samples, _ = list_samples(tmp_path)
+    samples = _red_blue_pair(tmp_path)
     ds = PolypDataset(samples, 16, prompt_mode="class")  # letterbox is the default
     item = ds[0]
     img, m = item["image"], item["mask"][0]

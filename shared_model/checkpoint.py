@@ -8,7 +8,8 @@ never leaves a torn checkpoint.
 Loading checks, each failing with a :class:`CheckpointError` that names the file: that it is a
 promptsam checkpoint at all (not a text file, a raw SAM ``.pth`` or a server ``checkpoint.pt``),
 optionally the preset (``expect_preset``) and the whole config (``expect_config``, differences as
-dotted fields), and that the stored state fits the model its config builds (keys and shapes).
+dotted fields), that a model adapted from a foundation finds the same foundation (its digest), and
+that the stored state fits the model its config builds (keys and shapes).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def save_model_checkpoint(path: str | Path, model, extra: dict[str, Any] | None 
         "format": FORMAT,
         "config": to_dict(model.cfg),
         "state": dict(get_exchanged_state(model)),
+        "foundation": getattr(model, "foundation_digest", None),
         "extra": extra or {},
     }
     return atomic_torch_save(payload, path)
@@ -259,7 +261,15 @@ def load_model_checkpoint(
             shown = "; ".join(diffs[:10]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 10 else "")
             raise CheckpointError(f"{path}: checkpoint's model config differs from the expected one in "
                                   f"{len(diffs)} field(s): {shown}")
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {err}") from None
+    stored = payload.get("foundation")
+    if stored != model.foundation_digest and cfg.foundation:
+        raise CheckpointError(
+            f"{path}: trained on another version of foundation {cfg.foundation!r} (digest {str(stored)[:12]}..., "
+            f"this one {str(model.foundation_digest)[:12]}...): its frozen weights are not the ones it adapted")
     try:
         set_exchanged_state(model, payload["state"])
     except ExchangeError as err:

@@ -189,6 +189,9 @@ class ModelConfig:
     preset: str = "custom"
     # Seed of the random initialisation: frozen random weights must be identical at every site.
     init_seed: int = 0
+    # Start from a foundation (shared_model.modeling.foundation): a packaged name ("tiny") or a folder
+    # written by `promptsam pretrain`; it sets the SAM and CLIP weights (None = the checkpoints below).
+    foundation: str | None = None
     sam: SamConfig = field(default_factory=SamConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)

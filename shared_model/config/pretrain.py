@@ -138,6 +138,9 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     check_data(cfg.data)
     if not cfg.data.sources and cfg.scenes.frames == 0:
         raise ConfigError("data.sources: name the public task folders (or set scenes.frames > 0)")
+    if cfg.model.foundation:
+        raise ConfigError("model.foundation: pretraining starts from model.sam.checkpoint / model.clip.checkpoint "
+                          "(e.g. a foundation's sam_<preset>.pth and clip/ folder), not from a foundation name")
     t = cfg.pretrain
     _raise_first([
         ("steps", t.steps >= 1, "must be >= 1"),
@@ -179,5 +182,7 @@ def pretrain_fingerprint(cfg: PretrainConfig) -> str:
         data["pretrain"].pop(name)
     for name in SAM_RUNTIME_FIELDS:
         data["model"]["sam"].pop(name)
+    if data["model"].get("foundation") is None:  # a field added after the committed foundation, unset
+        data["model"].pop("foundation", None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

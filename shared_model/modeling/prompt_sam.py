@@ -35,6 +35,7 @@ from shared_model.modeling.biomedclip import build_clip
 from shared_model.modeling.clip_vision import ClipVision
 from shared_model.config import ConfigError, ModelConfig, get_preset
 from shared_model.modeling.crf import DenseCRF
+from shared_model.modeling.foundation import load_text_to_sparse, with_foundation_weights
 from shared_model.modeling.prompts import PromptProjections
 from shared_model.modeling.sam import SamParts, build_sam_parts
 
@@ -115,6 +116,7 @@ class PromptSAM(nn.Module):
         self.bottleneck = bottleneck
         self.crf = crf
         self.prompts = prompts
+        self.foundation_digest: str | None = None  # set by build_model when cfg.foundation is
 
     @property
     def image_size(self) -> int:
@@ -379,14 +381,18 @@ def build_model(cfg: ModelConfig | str) -> PromptSAM:
 
 
 def _build(cfg: ModelConfig) -> PromptSAM:
-    sam = build_sam_parts(cfg.sam)
-    vision, text, tokenizer = build_clip(cfg.clip)
+    weights, foundation = with_foundation_weights(cfg)
+    sam = build_sam_parts(weights.sam)
+    vision, text, tokenizer = build_clip(weights.clip)
     bottleneck = M2IB(cfg.bottleneck, width=cfg.clip.vision.width, text_dim=cfg.clip.embed_dim)
     crf = DenseCRF(cfg.crf)
     prompts = PromptProjections(
         cfg.prompts, text_dim=cfg.clip.embed_dim, prompt_dim=cfg.sam.prompt_dim, clip_width=cfg.clip.vision.width
     )
     model = PromptSAM(cfg, sam, vision, text, tokenizer, bottleneck, crf, prompts)
+    if foundation is not None:
+        load_text_to_sparse(prompts.sparse, foundation)
+        model.foundation_digest = foundation.digest()
     _freeze_unused(model)
     return model
 

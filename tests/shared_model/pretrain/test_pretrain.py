@@ -198,7 +198,6 @@ def test_prompts_follow_the_masks():
     assert labels[1].tolist() == [1, -1] and labels[2].tolist() == [-1, 0]
 
 
-@pytest.mark.skipif(not FOUNDATION.is_dir(), reason="no committed foundation yet")
 def test_committed_foundation_is_what_its_config_produces():
     """Each committed foundation's provenance names the fingerprint of the repository's config and the hashes
     of the committed files (the command run from that config writes these files)."""

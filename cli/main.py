@@ -24,7 +24,7 @@ from shared_model.config import (
     to_dict,
 )
 from cli import bench as bench_cli, data as data_cli, deploy as deploy_cli, server as server_cli
-from cli import pretrain as pretrain_cli, simulation as simulation_cli
+from cli import pretrain as pretrain_cli, selection as selection_cli, simulation as simulation_cli
 from cli.evaluate import SPLIT_CHOICES
 from shared_model.config.site import EVAL_PROMPTS
 
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cli.register(sub)
     bench_cli.register(sub, common)
-    for module in (pretrain_cli, simulation_cli, deploy_cli, server_cli):
+    for module in (pretrain_cli, selection_cli, simulation_cli, deploy_cli, server_cli):
         module.register(sub)
     return parser
 

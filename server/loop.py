@@ -48,7 +48,7 @@ class FederatedServer:
     """
 
     def __init__(self, settings: RunSettings, run_config: dict[str, Any] | None = None) -> None:
-        from shared_model.modeling.prompt_sam import build_model
+        from shared_model.fewshot.federated import build_run_model
 
         fed = settings.federation
         if not fed.run_dir:
@@ -57,8 +57,10 @@ class FederatedServer:
         self.run_config = dict(run_config or {})
         self.run_dir = Path(fed.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model = build_model(settings.model)
+        self.model = build_run_model(settings)
         self.shapes = state_shapes(self.model)
+        if settings.adapter.enabled:
+            self._log_adapter()
         check_privacy_strategy(settings)
         inner = wrap_central_dp(build_inner_strategy(fed), settings.privacy, fed, settings.partition)
         self.strategy = GuardedStrategy(inner, self.shapes, fed.wire_dtype, fed.max_update_norm, fed.server_lr,
@@ -153,7 +155,24 @@ class FederatedServer:
         from shared_model.checkpoint import save_model_checkpoint
 
         set_exchanged_state(self.model, state)
+        if self.settings.adapter.enabled:  # an adapter run's state is a task adapter (+ the base it needs)
+            from server.adapter import save_run_adapter
+
+            save_run_adapter(self.run_dir, name, self.model, self.settings, extra)
+            return
         save_model_checkpoint(self.run_dir / name, self.model, extra)
+
+    def _log_adapter(self) -> None:
+        from shared_model.exchange import state_nbytes
+
+        from client.wire import record_nbytes, state_to_record
+
+        state = get_exchanged_state(self.model)
+        wire = record_nbytes(state_to_record(state, self.settings.federation.wire_dtype))
+        log.info("exchanging only the task adapter %r: %d tensors, %d values, %d B raw (float32), %d B on the wire "
+                 "per client and direction each round (%s); the base model (fingerprint %s) stays frozen at every site",
+                 self.model.task_name, len(state), sum(v.numel() for v in state.values()), state_nbytes(state), wire,
+                 self.settings.federation.wire_dtype, self.model.base_record["fingerprint"])
 
     # -- the loop ----------------------------------------------------------------------------
 

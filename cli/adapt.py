@@ -108,8 +108,18 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from cli.argtypes import parse_set
+    from simulation.fewshot import run_fewshot
+
+    summary = run_fewshot(args.config, args.out, parse_set(args.set), args.upper_bound)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"plot: {Path(args.out) / 'dice_vs_k.png'}; results: {Path(args.out) / 'results.json'}")
+    return 0 if summary else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``adapt`` to the ``promptsam`` subcommands."""
+    """Add ``adapt`` and ``fewshot`` to the ``promptsam`` subcommands."""
     p = add_command(sub, "adapt", "learn a new task from K examples: a small task adapter on a frozen base model",
                     ADAPT_DESCRIPTION)
     p.add_argument("--checkpoint", required=True, help="the base model's checkpoint (model.pt, final_model.pt, ...)")
@@ -125,6 +135,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.set_defaults(func=cmd_adapt)
+    f = add_command(sub, "fewshot", "leave one task out: a held-out task from K examples, in-context vs adapter "
+                    "vs fine-tuning vs the whole training split",
+                    "Evaluate few-shot learning of a task the base model was never trained on: for each K and "
+                    "support draw of the config's fewshot section, in-context prompting, a task adapter and "
+                    "fine-tuning the usual trainable parts, scored on the task's test split next to a model "
+                    "trained on its whole training split. Writes OUT/results.json (resumable), summary.json, "
+                    "table.md and dice_vs_k.png.")
+    f.add_argument("--config", required=True, help="YAML with model, data and fewshot sections "
+                                                   "(e.g. simulation/configs/fewshot_polyp_tiny.yaml)")
+    f.add_argument("--out", required=True, help="output folder (an existing one resumes: finished jobs are kept)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML field, e.g. --set fewshot.draws=1 (repeatable)")
+    f.add_argument("--upper-bound", help="checkpoint of a model trained on the task's whole training split "
+                                         "(default: fewshot.upper_bound.checkpoint, else trained here)")
+    f.set_defaults(func=cmd_fewshot)
 
 
-__all__ = ["add_fewshot_options", "cmd_adapt", "load_task_model", "register"]
+__all__ = ["add_fewshot_options", "cmd_adapt", "cmd_fewshot", "load_task_model", "register"]

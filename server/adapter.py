@@ -18,6 +18,19 @@ from shared_model.config import RunSettings, to_dict
 BASE_NAME = "base_model.pt"
 
 
+def describe_adapter(model, wire_dtype: str) -> str:
+    """One log line: the adapter's tensors, values and bytes per client and direction each round."""
+    from client.wire import record_nbytes, state_to_record
+    from shared_model.exchange import get_exchanged_state, state_nbytes
+
+    state = get_exchanged_state(model)
+    wire = record_nbytes(state_to_record(state, wire_dtype))
+    return (f"exchanging only the task adapter {model.task_name!r}: {len(state)} tensors, "
+            f"{sum(v.numel() for v in state.values()):,} values, {state_nbytes(state):,} B raw (float32), "
+            f"{wire:,} B on the wire ({wire_dtype}) per client and direction each round; the base model "
+            f"(fingerprint {model.base_record['fingerprint']}) stays frozen at every site")
+
+
 def adapter_file_name(model_file: str) -> str:
     """``best_model.pt`` -> ``best_adapter.pt`` (any ``*_model.pt``; other names get ``_adapter``)."""
     stem = Path(model_file).stem

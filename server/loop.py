@@ -60,7 +60,9 @@ class FederatedServer:
         self.model = build_run_model(settings)
         self.shapes = state_shapes(self.model)
         if settings.adapter.enabled:
-            self._log_adapter()
+            from server.adapter import describe_adapter
+
+            log.info(describe_adapter(self.model, fed.wire_dtype))
         check_privacy_strategy(settings)
         inner = wrap_central_dp(build_inner_strategy(fed), settings.privacy, fed, settings.partition)
         self.strategy = GuardedStrategy(inner, self.shapes, fed.wire_dtype, fed.max_update_norm, fed.server_lr,
@@ -161,18 +163,6 @@ class FederatedServer:
             save_run_adapter(self.run_dir, name, self.model, self.settings, extra)
             return
         save_model_checkpoint(self.run_dir / name, self.model, extra)
-
-    def _log_adapter(self) -> None:
-        from shared_model.exchange import state_nbytes
-
-        from client.wire import record_nbytes, state_to_record
-
-        state = get_exchanged_state(self.model)
-        wire = record_nbytes(state_to_record(state, self.settings.federation.wire_dtype))
-        log.info("exchanging only the task adapter %r: %d tensors, %d values, %d B raw (float32), %d B on the wire "
-                 "per client and direction each round (%s); the base model (fingerprint %s) stays frozen at every site",
-                 self.model.task_name, len(state), sum(v.numel() for v in state.values()), state_nbytes(state), wire,
-                 self.settings.federation.wire_dtype, self.model.base_record["fingerprint"])
 
     # -- the loop ----------------------------------------------------------------------------
 

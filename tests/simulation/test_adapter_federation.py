@@ -88,3 +88,16 @@ def test_cli_flag_sets_the_config_key(monkeypatch):
     args = parser.parse_args(["simulate", "--adapter-only", "--set", "federation.num_server_rounds=1"])
     args.func(args)
     assert seen == {"adapter.enabled": "true", "federation.num_server_rounds": "1"}
+
+
+def test_server_log_line_gives_the_adapters_bytes():
+    from server.adapter import describe_adapter
+    from shared_model.config import DataConfig, FederationConfig, PartitionConfig, RunSettings, TrainConfig
+    from shared_model.fewshot.federated import build_run_model
+
+    settings = RunSettings(FederationConfig(), PartitionConfig(), get_preset("tiny"), TrainConfig(), DataConfig(),
+                           adapter=AdapterConfig(enabled=True, name="lesion"))
+    model = build_run_model(settings)
+    raw = state_nbytes({k: torch.empty(v) for k, v in state_shapes(model).items()})
+    line = describe_adapter(model, "float32")
+    assert f"{raw:,} B raw" in line and "'lesion'" in line and model.base_record["fingerprint"] in line

@@ -52,16 +52,17 @@ def table(summary: dict[str, Any], name: str, held_out: str, n_test: int) -> str
     lines = [f"# Few-shot \"{name}\": test Dice against K ({n_test} test images)", "", held_out, "",
              "| method | " + " | ".join(f"K = {k}" for k in shots) + " |", "|---|" + "---|" * len(shots)]
     for method, per_k in summary["dice"].items():
-        cells = [f"{per_k[str(k)]['mean']:.3f} ± {per_k[str(k)]['std']:.3f}" if str(k) in per_k else "-"
-                 for k in shots]
+        cells = ["-" if str(k) not in per_k else f"{per_k[str(k)]['mean']:.3f}" if per_k[str(k)]["draws"] < 2
+                 else f"{per_k[str(k)]['mean']:.3f} ± {per_k[str(k)]['std']:.3f}" for k in shots]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     upper = summary["upper_bound"]
     if upper:
         lines.append(f"| upper bound: trained on the whole training split ({upper['shots']} images) | "
                      + " | ".join(f"{upper['dice']:.3f}" for _ in shots) + " |")
     draws = max((v["draws"] for per_k in summary["dice"].values() for v in per_k.values()), default=0)
-    lines += ["", f"Mean ± standard deviation over {draws} support draw(s) per K; Dice at each mask's own "
-              "resolution, class prompt = the task name."]
+    spread = "mean ± standard deviation over" if draws > 1 else "one value per K:"
+    lines += ["", f"Test Dice, {spread} {draws} support draw(s) per K, at each mask's own resolution; class "
+              "prompt = the task name."]
     if summary["adapter_train_seconds_max"]:
         lines.append("Adapter training, longest of the draws: " + ", ".join(
             f"K = {k}: {v:.1f} s" for k, v in summary["adapter_train_seconds_max"].items())

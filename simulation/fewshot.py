@@ -139,12 +139,18 @@ def check_held_out(exp: FewShotExperiment) -> str:
     Raises:
         ConfigError: The foundation folder's provenance names the task's data among its sources.
     """
-    sam_ckpt = (exp.model.get("sam") or {}).get("checkpoint")
-    if not sam_ckpt:
-        return "base from random init (no foundation): every task is held out"
-    prov_path = Path(sam_ckpt).parent / "provenance.json"
+    foundation = exp.model.get("foundation")  # the lead's model.foundation key: a packaged name or a folder
+    if isinstance(foundation, str) and foundation:
+        packaged = PROJECT_ROOT / "shared_model" / "assets" / "foundation" / foundation
+        folder = packaged if packaged.is_dir() else Path(_project_path(foundation))
+    else:
+        sam_ckpt = (exp.model.get("sam") or {}).get("checkpoint")
+        if not sam_ckpt:
+            return "base from random init (no foundation): every task is held out"
+        folder = Path(sam_ckpt).parent
+    prov_path = folder / "provenance.json"
     if not prov_path.is_file():
-        return f"no provenance.json next to {sam_ckpt}: held-out status not checked"
+        return f"no provenance.json in {folder}: held-out status not checked"
     prov = json.loads(prov_path.read_text())
     sources = (prov.get("data") or {}).get("sources") or []
     mine = Path(exp.data.root).resolve()

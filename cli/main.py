@@ -24,7 +24,7 @@ from shared_model.config import (
     to_dict,
 )
 from cli import bench as bench_cli, data as data_cli, deploy as deploy_cli, server as server_cli
-from cli import pretrain as pretrain_cli, selection as selection_cli, simulation as simulation_cli
+from cli import adapt as adapt_cli, pretrain as pretrain_cli, selection as selection_cli, simulation as simulation_cli
 from cli.evaluate import SPLIT_CHOICES
 from shared_model.config.site import EVAL_PROMPTS
 
@@ -114,7 +114,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.eval_prompt is not None and (styles_mode or args.prompt is not None):
         raise ValueError("--eval-prompt and --prompt or --prompt-styles/--styles exclude each other")
     check_device(args.device)
-    model, payload = _load_checked(args)
+    model, payload, task_prompt, task_lines = adapt_cli.load_task_model(args, _load_checked)
+    if task_prompt is not None and args.prompt is None and not styles_mode and args.eval_prompt is None:
+        args.prompt = task_prompt
+    for line in task_lines:
+        print(line, flush=True)
     dataset, split, lines = evaluation_images(payload, model.image_size, args.data, args.centres,
                                               args.data_config, args.split, args.eval_prompt,
                                               resize=model.cfg.sam.input_resize)
@@ -166,11 +170,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except NoImagesError as err:  # nothing to predict: status 1, as for every image skipped
         print(f"error: {err}", file=sys.stderr)
         return 1
-    model, _ = _load_checked(args)
+    model, _, task_prompt, task_lines = adapt_cli.load_task_model(args, _load_checked)
+    for line in task_lines:
+        print(line, flush=True)
     boxes = load_user_boxes(args.boxes) if args.boxes else None
-    index = predict_folder(model, args.inputs, args.out, prompt=args.prompt, threshold=args.threshold,
+    prompt = args.prompt or task_prompt or "polyp"
+    index = predict_folder(model, args.inputs, args.out, prompt=prompt, threshold=args.threshold,
                            batch_size=args.batch_size, device=args.device, user_boxes=boxes,
                            checkpoint=args.checkpoint, masks=args.masks)
+    if task_lines:  # which adapter / support set made these predictions
+        index["task"] = {"adapter": args.adapter, "support": args.support, "shots": args.shots,
+                         "support_seed": args.support_seed if args.support else None, "lines": task_lines}
+        (Path(args.out) / "predictions.json").write_text(json.dumps(index, indent=2))
     skipped = f", skipped {len(index['skipped'])} (see predictions.json)" if index["skipped"] else ""
     print(f"wrote {index['count']} predictions to {args.out}{skipped}")
     if index["with_truth"]:
@@ -306,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "full-size mask (default; HD95 in image pixels); model = at the model's input size")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--out", help="write the metrics as JSON here (per centre and image, or per prompt style)")
+    adapt_cli.add_fewshot_options(p)
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -313,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                     PREDICT_DESCRIPTION)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     checked(p)
-    p.add_argument("--prompt", default="polyp", help="text prompt of every image (default: polyp)")
+    p.add_argument("--prompt", help="text prompt of every image (default: the --adapter's task name, else polyp)")
     p.add_argument("--boxes", help="JSON {image file name: [x0, y0, x1, y1] or a list of boxes} of user boxes")
     p.add_argument("--masks", help="folder of ground-truth masks named like the images: draws their contour on "
                                    "the overlays and writes per-image Dice (default: a masks/ folder next to a "
@@ -322,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability threshold of the mask, in [0, 1] (default: 0.5)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images segmented together (default: 4)")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
+    adapt_cli.add_fewshot_options(p)
     common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -333,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cli.register(sub)
     bench_cli.register(sub, common)
-    for module in (pretrain_cli, selection_cli, simulation_cli, deploy_cli, server_cli):
+    for module in (adapt_cli, pretrain_cli, selection_cli, simulation_cli, deploy_cli, server_cli):
         module.register(sub)
     return parser
 

@@ -19,7 +19,10 @@ from simulation.runner import simulate
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Entry point of the ``simulate`` subcommand."""
-    simulate(args.config, _parse_set(args.set), args.run_dir, args.resume)
+    overrides = _parse_set(args.set)
+    if args.adapter_only:  # the same as --set adapter.enabled=true
+        overrides["adapter.enabled"] = "true"
+    simulate(args.config, overrides, args.run_dir, args.resume)
     return 0
 
 
@@ -56,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="override a YAML field, e.g. --set federation.num_server_rounds=5 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="exchange only a task adapter (the base model frozen at every site): the same as "
+                        "--set adapter.enabled=true; the run writes base_model.pt and best/final_adapter.pt")
     p.set_defaults(func=cmd_simulate)
     e = add_command(subparsers, "experiment",
                     "centralized vs local-only vs FedAvg vs FedProx (+ leave-one-centre-out), same compute; "

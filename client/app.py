@@ -32,14 +32,14 @@ BUDGET_EXHAUSTED = 100  # error code of a reply declining because of the hospita
 
 
 def _setup(msg: Message, context: Context):
-    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.fewshot.federated import build_run_model
 
     settings = from_run_config(dict(context.run_config))
     node = parse_node_config(dict(context.node_config))
     server_round = int(msg.content["config"].get("server-round", 0))
     seed = client_seed(settings.federation.seed, server_round, node.partition_id)
     data = load_local_data(settings, node, seed)
-    model = build_model(settings.model)
+    model = build_run_model(settings)
     global_state = record_to_state(msg.content["arrays"])
     return settings, node, server_round, data, model, global_state
 

@@ -65,16 +65,20 @@ class SecAggHospital(NumPyClient):
 
 def _exchanged_names(settings: RunSettings) -> list[str]:
     """Exchanged tensor names in the model's parameter order (the order of SecAgg+'s arrays)."""
-    return list(_names_for(json.dumps(to_dict(settings.model), sort_keys=True)))
+    return list(_names_for(json.dumps(to_dict(settings.model), sort_keys=True),
+                           json.dumps(to_dict(settings.adapter), sort_keys=True)))
 
 
 @lru_cache(maxsize=4)
-def _names_for(model_json: str) -> tuple[str, ...]:
-    from shared_model.config import from_dict, ModelConfig
+def _names_for(model_json: str, adapter_json: str = "{}") -> tuple[str, ...]:
+    from shared_model.config import AdapterConfig, DataConfig, from_dict, ModelConfig, RunSettings
+    from shared_model.config import FederationConfig, PartitionConfig, TrainConfig
     from shared_model.exchange import trainable_names
-    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.fewshot.federated import build_run_model
 
-    return tuple(trainable_names(build_model(from_dict(ModelConfig, json.loads(model_json), "model"))))
+    settings = RunSettings(FederationConfig(), PartitionConfig(), from_dict(ModelConfig, json.loads(model_json), "model"),
+                           TrainConfig(), DataConfig(), adapter=from_dict(AdapterConfig, json.loads(adapter_json), "adapter"))
+    return tuple(trainable_names(build_run_model(settings)))
 
 
 app = ClientApp(client_fn=lambda context: SecAggHospital(context).to_client(), mods=[secaggplus_mod])

@@ -72,7 +72,7 @@ def local_update(
     Raises:
         PrivacyBudgetExceeded: The round would exceed the hospital's epsilon (now or earlier).
     """
-    from shared_model.modeling.prompt_sam import build_model
+    from shared_model.fewshot.federated import build_run_model
     from shared_model.training.privacy import PrivacyBudgetExceeded
 
     settings = from_run_config(dict(context.run_config))
@@ -86,7 +86,7 @@ def local_update(
         raise PrivacyBudgetExceeded(exhausted)  # spent at this budget already: no need to load data
     seed = client_seed(settings.federation.seed, server_round, node.partition_id)
     data = load_local_data(settings, node, seed)
-    model = build_model(settings.model)
+    model = build_run_model(settings)
     keep = settings.federation.keep_optimizer_state
     optimizer_state = None
     if keep and _OPTIMIZER_KEY in context.state:

@@ -48,7 +48,7 @@ class FederatedServer:
     """
 
     def __init__(self, settings: RunSettings, run_config: dict[str, Any] | None = None) -> None:
-        from shared_model.modeling.prompt_sam import build_model
+        from shared_model.fewshot.federated import build_run_model
 
         fed = settings.federation
         if not fed.run_dir:
@@ -57,8 +57,12 @@ class FederatedServer:
         self.run_config = dict(run_config or {})
         self.run_dir = Path(fed.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model = build_model(settings.model)
+        self.model = build_run_model(settings)
         self.shapes = state_shapes(self.model)
+        if settings.adapter.enabled:
+            from server.adapter import describe_adapter
+
+            log.info(describe_adapter(self.model, fed.wire_dtype))
         check_privacy_strategy(settings)
         inner = wrap_central_dp(build_inner_strategy(fed), settings.privacy, fed, settings.partition)
         self.strategy = GuardedStrategy(inner, self.shapes, fed.wire_dtype, fed.max_update_norm, fed.server_lr,
@@ -153,6 +157,11 @@ class FederatedServer:
         from shared_model.checkpoint import save_model_checkpoint
 
         set_exchanged_state(self.model, state)
+        if self.settings.adapter.enabled:  # an adapter run's state is a task adapter (+ the base it needs)
+            from server.adapter import save_run_adapter
+
+            save_run_adapter(self.run_dir, name, self.model, self.settings, extra)
+            return
         save_model_checkpoint(self.run_dir / name, self.model, extra)
 
     # -- the loop ----------------------------------------------------------------------------

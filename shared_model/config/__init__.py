@@ -49,6 +49,7 @@ from shared_model.config.privacy import (  # noqa: F401
     PrivacyConfig,
     check_privacy,
 )
+from shared_model.config.adapter import AdapterConfig, check_adapter  # noqa: F401
 from shared_model.config.federation import (  # noqa: F401
     FederationConfig,
     PARTITION_MODES,
@@ -61,4 +62,4 @@ from shared_model.config.federation import (  # noqa: F401
     to_run_config,
 )
 
-__all__ = ['ATTENTION_IMPLS', 'BottleneckConfig', 'BoxConfig', 'CENTRAL_DP_MODES', 'CRFConfig', 'ClipConfig', 'ClipTextConfig', 'ClipVisionConfig', 'ConfigError', 'DP_ACCOUNTANTS', 'DataConfig', 'FederationConfig', 'GRAD_SAMPLE_MODES', 'LossConfig', 'ModelConfig', 'PARTITION_MODES', 'PRESETS', 'PartitionConfig', 'PrivacyConfig', 'PromptConfig', 'RunSettings', 'STRATEGIES', 'SamConfig', 'SiteExperiment', 'TrainConfig', '_RUN_JSON_KEYS', 'base_config', 'blame_overrides', 'check_data', 'check_federation', 'check_privacy', 'check_train', 'from_dict', 'from_run_config', 'get_preset', 'kebab', 'load_yaml', 'merge', 'model_config_from_dict', 'register_preset', 'site_experiment_from_dict', 'tiny_config', 'to_dict', 'to_run_config']
+__all__ = ['ATTENTION_IMPLS', 'AdapterConfig', 'check_adapter', 'BottleneckConfig', 'BoxConfig', 'CENTRAL_DP_MODES', 'CRFConfig', 'ClipConfig', 'ClipTextConfig', 'ClipVisionConfig', 'ConfigError', 'DP_ACCOUNTANTS', 'DataConfig', 'FederationConfig', 'GRAD_SAMPLE_MODES', 'LossConfig', 'ModelConfig', 'PARTITION_MODES', 'PRESETS', 'PartitionConfig', 'PrivacyConfig', 'PromptConfig', 'RunSettings', 'STRATEGIES', 'SamConfig', 'SiteExperiment', 'TrainConfig', '_RUN_JSON_KEYS', 'base_config', 'blame_overrides', 'check_data', 'check_federation', 'check_privacy', 'check_train', 'from_dict', 'from_run_config', 'get_preset', 'kebab', 'load_yaml', 'merge', 'model_config_from_dict', 'register_preset', 'site_experiment_from_dict', 'tiny_config', 'to_dict', 'to_run_config']

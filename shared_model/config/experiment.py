@@ -12,6 +12,7 @@ the dataclass field names (snake_case), parsed strictly: an unknown key or a wro
     synthetic: {centres: 3, per_centre: 40, image_size: 128}  # generate data into the run folder
     partition: {mode: centre, dirichlet_alpha: 0.5}                             # PartitionConfig
     privacy: {local_dp: true, epsilon: 8.0}            # PrivacyConfig (local / central DP, SecAgg+)
+    adapter: {enabled: true, name: polyp}              # AdapterConfig: exchange only a task adapter
     simulation: {num_supernodes: 3, client_cpus: 1, client_gpus: 0}
 
 The typed config maps onto Flower's flat run config with :func:`shared_model.config.to_run_config`;
@@ -28,6 +29,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from shared_model.config.adapter import AdapterConfig, check_adapter
 from shared_model.config.federation import FederationConfig, PartitionConfig, check_federation, to_run_config
 from shared_model.config.model import model_config_from_dict
 from shared_model.config.parse import ConfigError, blame_overrides, from_dict, load_yaml
@@ -35,7 +37,8 @@ from shared_model.config.privacy import PrivacyConfig, check_privacy
 from shared_model.config.site import DataConfig, TrainConfig, check_data, check_train
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation", "privacy")
+SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation", "privacy",
+            "adapter")
 
 
 @dataclass
@@ -72,12 +75,14 @@ class Experiment:
     partition: PartitionConfig
     simulation: SimulationConfig
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
     def run_config(self) -> dict[str, bool | int | float | str]:
         """The Flower run config of this experiment."""
-        return to_run_config(self.federation, self.partition, self.model, self.train, self.data, self.privacy)
+        return to_run_config(self.federation, self.partition, self.model, self.train, self.data, self.privacy,
+                             self.adapter)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -150,6 +155,7 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
             partition=from_dict(PartitionConfig, section("partition"), "partition"),
             privacy=from_dict(PrivacyConfig, section("privacy"), "privacy"),
             simulation=from_dict(SimulationConfig, section("simulation"), "simulation"),
+            adapter=from_dict(AdapterConfig, section("adapter"), "adapter"),
             source=source,
             raw=data,
         )
@@ -161,6 +167,7 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
         check_train(exp.train, "train.")
         check_data(exp.data, "data.")
         check_privacy(exp.privacy, "privacy.")
+        check_adapter(exp.adapter, "adapter.")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     if exp.data.sources:  # the root is not read, and must keep its default
@@ -169,6 +176,8 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
                 source.root = str((PROJECT_ROOT / source.root).resolve())
     elif not Path(exp.data.root).is_absolute():
         exp.data.root = str((PROJECT_ROOT / exp.data.root).resolve())
+    if exp.adapter.base_checkpoint and not Path(exp.adapter.base_checkpoint).is_absolute():
+        exp.adapter.base_checkpoint = str((PROJECT_ROOT / exp.adapter.base_checkpoint).resolve())
     if exp.data.split_file and not Path(exp.data.split_file).is_absolute():
         exp.data.split_file = str((PROJECT_ROOT / exp.data.split_file).resolve())
     return exp

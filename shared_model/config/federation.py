@@ -7,6 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from shared_model.config.adapter import AdapterConfig, check_adapter
 from shared_model.config.model import ModelConfig, model_config_from_dict
 from shared_model.config.parse import ConfigError, _coerce, from_dict, kebab, to_dict
 from shared_model.config.privacy import PrivacyConfig, check_privacy
@@ -73,9 +74,11 @@ class RunSettings:
     train: TrainConfig
     data: DataConfig
     privacy: "PrivacyConfig" = field(default_factory=lambda: PrivacyConfig())
+    # adapter.enabled: exchange only a task adapter (the base frozen at every site).
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
-_RUN_JSON_KEYS = ("model-config", "train-config", "data-config")
+_RUN_JSON_KEYS = ("model-config", "train-config", "data-config", "adapter-config")
 
 
 def to_run_config(
@@ -85,12 +88,14 @@ def to_run_config(
     train: TrainConfig,
     data: DataConfig,
     privacy: "PrivacyConfig | None" = None,
+    adapter: AdapterConfig | None = None,
 ) -> dict[str, bool | int | float | str]:
     """Map typed settings onto Flower's flat run config (kebab-case keys, scalar values).
 
     Federation fields keep their names (``num-server-rounds``, ``wire-dtype``); partition fields
     get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
-    configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``.
+    configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``, and
+    an :class:`AdapterConfig` (if given) under ``adapter-config``.
     """
     import json
 
@@ -104,6 +109,8 @@ def to_run_config(
     out["model-config"] = json.dumps(model, sort_keys=True)
     out["train-config"] = json.dumps(to_dict(train), sort_keys=True)
     out["data-config"] = json.dumps(to_dict(data), sort_keys=True)
+    if adapter is not None:
+        out["adapter-config"] = json.dumps(to_dict(adapter), sort_keys=True)
     return out
 
 
@@ -154,11 +161,13 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
         train=from_dict(TrainConfig, parsed["train-config"], "train-config"),
         data=from_dict(DataConfig, parsed["data-config"], "data-config"),
         privacy=_scalar_section(PrivacyConfig, run_config, "privacy-"),
+        adapter=from_dict(AdapterConfig, parsed["adapter-config"], "adapter-config"),
     )
     check_federation(settings.federation, settings.partition)
     check_train(settings.train, "train-config.")
     check_data(settings.data, "data-config.")
     check_privacy(settings.privacy, "privacy-")
+    check_adapter(settings.adapter, "adapter-config.")
     return settings
 
 

@@ -31,6 +31,7 @@ import yaml
 from shared_model.config import AdapterConfig, ConfigError, DataConfig, TrainConfig, check_data, check_train
 from shared_model.config import blame_overrides, from_dict, load_yaml, model_config_from_dict
 from shared_model.config.experiment import PROJECT_ROOT, apply_overrides
+from shared_model.modeling.foundation import foundation_folder
 
 METHODS = ("in-context", "adapter", "fine-tune")
 SECTIONS = ("name", "model", "data", "fewshot")
@@ -139,10 +140,9 @@ def check_held_out(exp: FewShotExperiment) -> str:
     Raises:
         ConfigError: The foundation folder's provenance names the task's data among its sources.
     """
-    foundation = exp.model.get("foundation")  # the lead's model.foundation key: a packaged name or a folder
+    foundation = exp.model.get("foundation")  # a packaged name or a folder
     if isinstance(foundation, str) and foundation:
-        packaged = PROJECT_ROOT / "shared_model" / "assets" / "foundation" / foundation
-        folder = packaged if packaged.is_dir() else Path(_project_path(foundation))
+        folder = foundation_folder(foundation)
     else:
         sam_ckpt = (exp.model.get("sam") or {}).get("checkpoint")
         if not sam_ckpt:

@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by the benchmarks' --out
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # Flower's logger prints through its own console handler: in-process runs (`experiment`) would
+    # print every Flower record twice if it also reached the root logger's.
+    logging.getLogger("flwr").propagate = False
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:

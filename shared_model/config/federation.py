@@ -7,6 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from shared_model.config.faults import FaultConfig, check_faults
 from shared_model.config.model import ModelConfig, model_config_from_dict
 from shared_model.config.parse import ConfigError, _coerce, from_dict, kebab, to_dict
 from shared_model.config.privacy import PrivacyConfig, check_privacy
@@ -73,6 +74,7 @@ class RunSettings:
     train: TrainConfig
     data: DataConfig
     privacy: "PrivacyConfig" = field(default_factory=lambda: PrivacyConfig())
+    faults: FaultConfig = field(default_factory=FaultConfig)  # simulation only
 
 
 _RUN_JSON_KEYS = ("model-config", "train-config", "data-config")
@@ -85,11 +87,13 @@ def to_run_config(
     train: TrainConfig,
     data: DataConfig,
     privacy: "PrivacyConfig | None" = None,
+    faults: FaultConfig | None = None,
 ) -> dict[str, bool | int | float | str]:
     """Map typed settings onto Flower's flat run config (kebab-case keys, scalar values).
 
     Federation fields keep their names (``num-server-rounds``, ``wire-dtype``); partition fields
-    get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
+    get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix, fault-injection
+    fields (if given and enabled; simulation only) a ``fault-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
     configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``.
     """
     import json
@@ -101,6 +105,8 @@ def to_run_config(
         out["partition-" + kebab(f.name)] = getattr(partition, f.name)
     for f in dataclasses.fields(privacy) if privacy is not None else ():
         out["privacy-" + kebab(f.name)] = getattr(privacy, f.name)
+    for f in dataclasses.fields(faults) if faults is not None and faults.enabled else ():
+        out["fault-" + kebab(f.name)] = getattr(faults, f.name)
     out["model-config"] = json.dumps(model, sort_keys=True)
     out["train-config"] = json.dumps(to_dict(train), sort_keys=True)
     out["data-config"] = json.dumps(to_dict(data), sort_keys=True)
@@ -131,6 +137,7 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
     fed_keys = {kebab(f.name) for f in dataclasses.fields(FederationConfig)}
     part_keys = {"partition-" + kebab(f.name) for f in dataclasses.fields(PartitionConfig)}
     part_keys |= {"privacy-" + kebab(f.name) for f in dataclasses.fields(PrivacyConfig)}
+    part_keys |= {"fault-" + kebab(f.name) for f in dataclasses.fields(FaultConfig)}
     unknown = sorted(set(run_config) - fed_keys - part_keys - set(_RUN_JSON_KEYS))
     if unknown:
         raise ConfigError(f"run config: unknown key(s) {unknown}")
@@ -154,11 +161,13 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
         train=from_dict(TrainConfig, parsed["train-config"], "train-config"),
         data=from_dict(DataConfig, parsed["data-config"], "data-config"),
         privacy=_scalar_section(PrivacyConfig, run_config, "privacy-"),
+        faults=_scalar_section(FaultConfig, run_config, "fault-"),
     )
     check_federation(settings.federation, settings.partition)
     check_train(settings.train, "train-config.")
     check_data(settings.data, "data-config.")
     check_privacy(settings.privacy, "privacy-")
+    check_faults(settings.faults, "fault-")
     return settings
 
 

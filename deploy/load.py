@@ -14,14 +14,14 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 
 from deploy.certs import generate_certs
-from deploy.local import LocalFederation, descendants
+from deploy.local import LocalFederation
+from shared_model.benchmarks.procmem import ProcessTreeProbe as MemoryProbe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,44 +40,6 @@ def project_run_config(run_dir: Path, nodes: int, rounds: int, local_steps: int)
         "train-config": json.dumps({"batch_size": 4, "progress": False}),
         "data-config": json.dumps({"val_fraction": 0.25, "test_fraction": 0.0}),
     }
-
-
-class MemoryProbe:
-    """Samples the summed proportional set size (PSS: shared pages split among their users) of a set of
-    process trees every ``interval`` seconds; falls back to RSS where ``smaps_rollup`` is missing."""
-
-    def __init__(self, roots: list[int], interval: float = 1.0) -> None:
-        self.roots, self.interval, self.peak_mib = roots, interval, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            pids = {p for r in self.roots for p in (r, *descendants(r))}
-            total = 0
-            for pid in pids:
-                total += _memory_kib(pid)
-            self.peak_mib = max(self.peak_mib, total / 1024)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "MemoryProbe":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def _memory_kib(pid: int) -> int:
-    for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
-        try:
-            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-                if line.startswith(key):
-                    return int(line.split()[1])
-        except OSError:
-            continue
-    return 0
 
 
 def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,

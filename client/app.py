@@ -20,19 +20,24 @@ that the server's drop path runs; a deployed hospital (``data-path``) refuses th
 
 from __future__ import annotations
 
-import logging
 import time
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+_IMPORT_START = time.perf_counter()  # this module's imports are part of every ClientApp process's start-up
 
-from client.task import client_seed, evaluate_round, load_local_data, parse_node_config
-from client.update import local_update
-from client.wire import record_to_state, state_to_record
-from shared_model.config import ConfigError, RunSettings, from_run_config
-from shared_model.config.faults import choose_fault
+import logging  # noqa: E402
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from client import phases  # noqa: E402
+from client.task import client_seed, evaluate_round, load_local_data, parse_node_config  # noqa: E402
+from client.update import local_update  # noqa: E402
+from client.wire import record_to_state, state_to_record  # noqa: E402
+from shared_model.config import ConfigError, RunSettings, from_run_config  # noqa: E402
+from shared_model.config.faults import choose_fault  # noqa: E402
 
 app = ClientApp()
+IMPORT_SECONDS = time.perf_counter() - _IMPORT_START
 log = logging.getLogger("flwr.promptsam." + __name__)  # shown by Flower's console handler
 
 BUDGET_EXHAUSTED = 100  # error code of a reply declining because of the hospital's DP budget
@@ -74,12 +79,20 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     """Local training round; replies with the delta and the training metrics (or declines)."""
     from client.secagg import is_secagg_message
-    from shared_model.training.privacy import PrivacyBudgetExceeded
 
     if is_secagg_message(msg):
         from client.secagg import app as secagg_app
 
         return secagg_app(msg, context)
+    age, start = phases.reset(), time.perf_counter()
+    reply = _train(msg, context)
+    phases.write_profile("train", age, time.perf_counter() - start, **{"app-imports": IMPORT_SECONDS})
+    return reply
+
+
+def _train(msg: Message, context: Context) -> Message:
+    from shared_model.training.privacy import PrivacyBudgetExceeded
+
     settings = from_run_config(dict(context.run_config))
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
@@ -99,12 +112,13 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "corrupt":
         first = next(iter(outcome.delta))
         outcome.delta[first].view(-1)[0] = float("nan")
-    content = RecordDict(
-        {
-            "arrays": state_to_record(outcome.delta, settings.federation.wire_dtype),
-            "metrics": MetricRecord(outcome.metrics),
-        }
-    )
+    with phases.phase("serialisation"):
+        content = RecordDict(
+            {
+                "arrays": state_to_record(outcome.delta, settings.federation.wire_dtype),
+                "metrics": MetricRecord(outcome.metrics),
+            }
+        )
     return Message(content=content, reply_to=msg)
 
 

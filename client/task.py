@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from client.phases import phase
 from shared_model.config import ConfigError, PrivacyConfig, RunSettings, check_privacy
 from shared_model.exchange import get_exchanged_state, set_exchanged_state, state_delta
 
@@ -263,8 +264,9 @@ def train_round(
             model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
             proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     else:
-        result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
-                             proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
+        with phase("training"):
+            result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
+                                 proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     delta = state_delta(get_exchanged_state(model), global_state)
     # Under local DP the loss, the local Dice and the training time (it follows the Poisson-sampled
     # batch sizes) are statistics of the private data that the DP guarantee does not cover: not
@@ -272,7 +274,9 @@ def train_round(
     release = not local_dp or privacy.release_metrics
     val_dice = float("nan")
     if data.val is not None and release:
-        val_dice = evaluate_model(model, data.val, device=fed.device, batch_size=fed.eval_batch_size).aggregate["dice"]
+        with phase("validation"):
+            val_dice = evaluate_model(model, data.val, device=fed.device,
+                                      batch_size=fed.eval_batch_size).aggregate["dice"]
     metrics = {
         "num-examples": len(data.train),
         "partition-id": partition_id,

@@ -21,6 +21,7 @@ from typing import Any
 
 from deploy.certs import generate_certs
 from deploy.local import LocalFederation
+from client.phases import PROFILE_ENV
 from shared_model.benchmarks.procmem import ProcessTreeProbe as MemoryProbe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,10 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
     certs = generate_certs(workdir / "certs", ["IP:127.0.0.1", "DNS:localhost"], names)
     data = generate_dataset(workdir / "data", names, per_centre=per_site, image_size=64, seed=n)
     row: dict[str, Any] = {"nodes": n}
+    profile = workdir / "client_profile.jsonl"  # every ClientApp call's phases (client.phases)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", PROFILE_ENV: str(profile)}
     # One torch thread per process: every ClientApp, the ServerApp and the SuperLink share the cores.
-    with LocalFederation(workdir / "fed", certs, env_extra={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}) as fed:
+    with LocalFederation(workdir / "fed", certs, env_extra=env) as fed:
         fed.start_superlink()
         for name in names:
             fed.register(certs.hospitals[name][1])
@@ -77,9 +80,49 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
         row["round_s"] = statistics.mean(r["seconds"] for r in rounds_rows) if rounds_rows else float("nan")
         row["round_s_max"] = max((r["seconds"] for r in rounds_rows), default=float("nan"))
         row["accepted"] = min((r["accepted"] for r in rounds_rows), default=0)
+        row["breakdown"] = round_breakdown(profile, row["round_s"])
         if not row["ok"]:
             row["error"] = f"{res.status}: {res.details}\n{res.output[-2000:]}"
     return row
+
+
+PHASES = ("imports", "data", "model", "training", "validation", "serialisation")
+
+
+def round_breakdown(profile: Path, round_s: float) -> dict[str, float]:
+    """Mean seconds of each part of a hospital's train call (from the ClientApp profile lines) and
+    what the mean round spends outside the ClientApp processes.
+
+    ``start-up``: the process's age when the handler was entered (process start, Python, Flower,
+    the app's module imports, pulling the message); ``imports``: the model's imports inside the
+    handler; ``outside``: mean round time minus the mean ClientApp process time (start-up +
+    handler): the SuperNode and SuperLink polling, transfers, the server's own work.
+    """
+    if not profile.is_file():
+        return {}
+    calls = [json.loads(line) for line in profile.read_text().splitlines() if line.strip()]
+    calls = [c for c in calls if c.get("kind") == "train"]
+    if not calls:
+        return {}
+    mean = lambda key: statistics.mean(float(c.get(key) or 0.0) for c in calls)  # noqa: E731
+    out = {"calls": len(calls), "start-up": mean("age-at-entry"), "app-imports": mean("app-imports"),
+           **{name: mean(f"phase-{name}") for name in PHASES}, "handler": mean("handler")}
+    out["outside"] = round_s - out["start-up"] - out["handler"]
+    return out
+
+
+def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: where a round's time goes, per number of SuperNodes (mean seconds per hospital)."""
+    head = ("| SuperNodes | mean round (s) | ClientApp start-up (s) | of it app imports | model imports | data | "
+            "model build | training | local validation | serialisation | outside the ClientApp (s) |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        b = r.get("breakdown") or {}
+        if not b:
+            continue
+        cells = [b["start-up"], b["app-imports"], *(b[p] for p in PHASES), b["outside"]]
+        lines.append(f"| {r['nodes']} | {r['round_s']:.1f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -118,6 +161,8 @@ def run_load(nodes: list[int], rounds: int = 2, local_steps: int = 2, per_site: 
             if "error" in row:
                 print(row["error"], file=sys.stderr)
     print(format_table(rows))
+    print()
+    print(format_breakdown(rows))
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1

@@ -93,7 +93,7 @@ def to_run_config(
 
     Federation fields keep their names (``num-server-rounds``, ``wire-dtype``); partition fields
     get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix, fault-injection
-    fields (if given and enabled; simulation only) a ``fault-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
+    fields (if given; simulation only) a ``fault-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
     configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``.
     """
     import json
@@ -105,7 +105,7 @@ def to_run_config(
         out["partition-" + kebab(f.name)] = getattr(partition, f.name)
     for f in dataclasses.fields(privacy) if privacy is not None else ():
         out["privacy-" + kebab(f.name)] = getattr(privacy, f.name)
-    for f in dataclasses.fields(faults) if faults is not None and faults.enabled else ():
+    for f in dataclasses.fields(faults) if faults is not None else ():
         out["fault-" + kebab(f.name)] = getattr(faults, f.name)
     out["model-config"] = json.dumps(model, sort_keys=True)
     out["train-config"] = json.dumps(to_dict(train), sort_keys=True)

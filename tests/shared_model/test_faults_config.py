@@ -20,10 +20,12 @@ def test_yaml_section_reaches_the_run_config_and_back():
     assert from_run_config(rc).faults == exp.faults
 
 
-def test_no_fault_keys_in_the_run_config_when_off():
+def test_faults_are_off_by_default():
     rc = parse_experiment(_exp({})).run_config()
-    assert not [k for k in rc if k.startswith("fault-")]
+    assert {k: v for k, v in rc.items() if k.endswith("-fraction") and k.startswith("fault-")} == {
+        "fault-sleep-fraction": 0.0, "fault-error-fraction": 0.0, "fault-corrupt-fraction": 0.0}
     assert not from_run_config(rc).faults.enabled
+    assert not from_run_config({}).faults.enabled
 
 
 @pytest.mark.parametrize("faults, federation, message", [

@@ -205,7 +205,7 @@ class FederatedServer:
             messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
             train = send_and_collect(grid, messages, fed.reply_timeout)
             new_arrays, train_agg = self.strategy.aggregate_train(rnd, train.replies)
-            self.strategy.record_missing(rnd, train.missing, fed.reply_timeout, "train")
+            self.strategy.record_unreplied(rnd, train.unreplied, "train")
             if new_arrays is not None:
                 state = record_to_state(new_arrays)
             train_rows = [{"round": rnd, "kind": "train", "hospital": self._name(r), **r}
@@ -217,7 +217,7 @@ class FederatedServer:
         if eval_messages:
             evaluated = send_and_collect(grid, eval_messages, fed.reply_timeout)
             eval_agg = self.strategy.aggregate_evaluate(rnd, evaluated.replies)
-            self.strategy.record_missing(rnd, evaluated.missing, fed.reply_timeout, "evaluate")
+            self.strategy.record_unreplied(rnd, evaluated.unreplied, "evaluate")
         eval_rows = [{"round": rnd, "kind": "evaluate", "hospital": self._name(r), **r}
                      for r in self.strategy.eval_records]
         metrics = self.evaluate(state)

@@ -10,7 +10,7 @@ message strategies (``flwr.serverapp.strategy``) and
    delta decoded into one flat vector, or ``check_state`` for a reply not in the canonical wire
    layout). A bad reply is dropped and logged with its node id, the reason and its kind
    (:data:`server.replies.DROP_KINDS`: an error reply, a declined round, a failed validation; the
-   server adds the nodes without a reply before the deadline with :meth:`record_missing`); the
+   server adds the nodes without a reply of their own with :meth:`record_unreplied`); the
    round is aggregated when at least ``min-nodes`` replies are valid, else the global state is
    kept and the run goes on;
 3. aggregates the deltas in partition-id order, so the aggregate does not depend on arrival order:
@@ -304,17 +304,20 @@ class GuardedStrategy(Strategy):
         accepted.append(((float(metrics["partition-id"]), node), msg))
         return audit, row
 
-    def record_missing(self, server_round: int, nodes: Iterable[int], timeout: float | None,
-                       phase: str = "train") -> None:
-        """Add a dropped row for every node whose ``phase`` message got no reply before the deadline
-        (to :attr:`train_records` or :attr:`eval_records`), naming the deadline."""
+    def record_unreplied(self, server_round: int, unreplied: Iterable[tuple[int, str, str]],
+                         phase: str = "train") -> None:
+        """Add a dropped row for every node without a reply of its own to its ``phase`` message
+        (to :attr:`train_records` or :attr:`eval_records`).
+
+        Args:
+            server_round: The round.
+            unreplied: ``(node id, drop kind, reason)`` (:attr:`server.collect.Collected.unreplied`).
+            phase: ``train`` or ``evaluate``.
+        """
         records = self.train_records if phase == "train" else self.eval_records
-        deadline = "no deadline" if timeout is None else f"reply-timeout {timeout:g} s"
-        for node in nodes:
-            log.warning("round %d: no %s reply from node %d before the deadline (%s)", server_round, phase,
-                        node, deadline)
-            row: dict[str, Any] = {"node-id": int(node), "accepted": False, "drop": "timeout",
-                                   "reason": f"no reply before the deadline ({deadline})"}
+        for node, kind, reason in unreplied:
+            log.warning("round %d: dropped node %d (%s): %s", server_round, node, phase, reason)
+            row: dict[str, Any] = {"node-id": int(node), "accepted": False, "drop": kind, "reason": reason}
             if phase == "train":
                 row["bytes-down"] = self.bytes_down
             if node in self.node_partitions:

@@ -47,7 +47,9 @@ class NodeSettings:
     run's split; ``partition-id`` (optional) labels the site in the server's metrics;
     ``privacy-epsilon`` / ``privacy-delta`` set this hospital's own local-DP budget and
     ``privacy-ledger`` a JSON file keeping its accountant history across SuperNode restarts (and
-    runs: every run on the same data spends from the same budget).
+    runs: every run on the same data spends from the same budget); ``data-cache`` the folder of
+    the validated-data cache (:mod:`shared_model.data.disk_cache`; default
+    ``~/.cache/promptsam/data``, ``off`` to validate every pair every round).
     Simulation: Flower sets ``partition-id`` and ``num-partitions``.
     """
 
@@ -60,6 +62,7 @@ class NodeSettings:
     privacy_epsilon: float | None = None
     privacy_delta: float | None = None
     privacy_ledger: str | None = None
+    data_cache: str | None = None
 
 
 _NODE_KEYS: dict[str, type] = {
@@ -72,6 +75,7 @@ _NODE_KEYS: dict[str, type] = {
     "privacy-epsilon": float,
     "privacy-delta": float,
     "privacy-ledger": str,
+    "data-cache": str,
 }
 
 
@@ -139,18 +143,38 @@ def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict
     return site.name, {"train": site.train, "val": site.val, "test": site.test}
 
 
+def data_cache_dir(node: NodeSettings) -> Path | None:
+    """The validated-data cache of a deployed hospital (``data-cache``, default
+    :func:`~shared_model.data.disk_cache.default_cache_dir`), or None: off (``data-cache = "off"``,
+    and in simulation, where the actors keep their processes and the partitions are small)."""
+    from shared_model.data.disk_cache import default_cache_dir
+
+    if node.data_cache == "off" or (not node.data_path and not node.data_cache):
+        return None
+    return Path(node.data_cache) if node.data_cache else default_cache_dir()
+
+
 def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> LocalData:
     """Build the hospital's datasets (training set augmented with ``seed`` if configured; the
-    validation set, scored in federated evaluation, prompted per ``data.eval_prompt``)."""
+    validation set, scored in federated evaluation, prompted per ``data.eval_prompt``).
+
+    With a data cache (:func:`data_cache_dir`) the pairs' validation (image headers, full-size
+    masks) is read from disk when the data folder's files are unchanged since it was stored.
+    """
     from shared_model.data.dataset import PolypDataset, evaluation_dataset
+    from shared_model.data.disk_cache import validate_cached
 
     name, splits = _local_samples(settings, node)
     data, size, resize = settings.data, settings.model.sam.image_size, settings.model.sam.input_resize
+    cache = data_cache_dir(node)
     train = PolypDataset(splits["train"], size, augment=data.augment, seed=seed, prompt_mode=data.prompt_mode,
-                         class_name=data.class_name, on_error=data.on_error, resize=resize)
+                         class_name=data.class_name, on_error=data.on_error, resize=resize, validate=cache is None)
     val = (evaluation_dataset(splits["val"], size, data.eval_prompt, data.class_name, data.on_error,
-                              resize=resize)
+                              resize=resize, validate=cache is None)
            if splits["val"] else None)
+    if cache is not None:
+        for dataset in (train, val) if val is not None else (train,):
+            validate_cached(dataset, cache)
     return LocalData(name, train, val)
 
 

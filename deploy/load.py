@@ -60,7 +60,8 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
         for name in names:
             fed.register(certs.hospitals[name][1])
         t0 = time.perf_counter()
-        procs = [fed.start_supernode(name, {"data-path": str(data / name), "partition-id": i})
+        procs = [fed.start_supernode(name, {"data-path": str(data / name), "partition-id": i,
+                                            "data-cache": str(workdir / "data-cache")})
                  for i, name in enumerate(names)]
         for proc in procs:
             fed.wait_online(proc, timeout=120 + 10 * n)

@@ -1,8 +1,9 @@
 """The server's round loop: train, federated evaluation, global evaluation, log, checkpoint.
 
-It follows ``flwr.serverapp.strategy.Strategy.start`` (configure_train -> send_and_receive ->
-aggregate_train -> configure_evaluate -> send_and_receive -> aggregate_evaluate -> evaluate_fn)
-but can start at any round, so that ``resume`` continues from the last checkpoint. Node sampling
+It follows ``flwr.serverapp.strategy.Strategy.start`` (configure_train -> send and receive ->
+aggregate_train -> configure_evaluate -> send and receive -> aggregate_evaluate -> evaluate_fn),
+receiving with :func:`server.collect.send_and_collect` (the deadline, and which sampled node did
+not reply), but can start at any round, so that ``resume`` continues from the last checkpoint. Node sampling
 (Python's ``random``) is reseeded from ``(seed, round)`` every round, and client seeds depend on
 ``(seed, round, partition)`` only, so a resumed run reproduces an uninterrupted one.
 """

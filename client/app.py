@@ -91,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    from shared_model.training.privacy import PrivacyBudgetExceeded
+    from shared_model.training.errors import PrivacyBudgetExceeded  # not .privacy: that imports Opacus
 
     settings = from_run_config(dict(context.run_config))
     config = msg.content["config"]

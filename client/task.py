@@ -161,8 +161,9 @@ def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> Loc
     With a data cache (:func:`data_cache_dir`) the pairs' validation (image headers, full-size
     masks) is read from disk when the data folder's files are unchanged since it was stored.
     """
-    from shared_model.data.dataset import PolypDataset, evaluation_dataset
-    from shared_model.data.disk_cache import validate_cached
+    with phase("imports"):
+        from shared_model.data.dataset import PolypDataset, evaluation_dataset
+        from shared_model.data.disk_cache import validate_cached
 
     name, splits = _local_samples(settings, node)
     data, size, resize = settings.data, settings.model.sam.image_size, settings.model.sam.input_resize
@@ -269,8 +270,9 @@ def train_round(
         shared_model.training.privacy.PrivacyBudgetExceeded: If this round would take the hospital past
             its epsilon budget (nothing is trained).
     """
-    from shared_model.training.evaluate import evaluate_model
-    from shared_model.training.loop import LRSchedule, train_model
+    with phase("imports"):
+        from shared_model.training.evaluate import evaluate_model
+        from shared_model.training.loop import LRSchedule, train_model
 
     fed = settings.federation
     schedule = LRSchedule.federated(server_round, fed.local_steps, fed.num_server_rounds)

@@ -75,7 +75,7 @@ def local_update(
     """
     with phase("imports"):
         from shared_model.modeling.prompt_sam import build_model
-        from shared_model.training.privacy import PrivacyBudgetExceeded
+        from shared_model.training.errors import PrivacyBudgetExceeded  # no Opacus without local DP
 
     settings = from_run_config(dict(context.run_config))
     node = parse_node_config(dict(context.node_config))

@@ -34,3 +34,13 @@ def test_phases_add_up_per_call_and_reach_the_breakdown(monkeypatch, tmp_path):
     table = format_breakdown([{"nodes": 2, "round_s": 20.0, "breakdown": breakdown}])
     assert table.splitlines()[2].startswith("| 2 | 20.0 | 10.50 | 1.50 |")
     assert round_breakdown(tmp_path / "missing.jsonl", 1.0) == {}
+
+
+def test_a_nested_phase_counts_once(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 10.0])  # data opens at 0, imports 1..3 inside it, data closes at 10
+    monkeypatch.setattr(phases.time, "perf_counter", lambda: next(clock))
+    phases.reset()
+    with phases.phase("data"):
+        with phases.phase("imports"):
+            pass
+    assert phases.phases() == {"data": 8.0, "imports": 2.0}

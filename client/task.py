@@ -286,9 +286,10 @@ def train_round(
     if local_dp:
         from shared_model.training.privacy import train_model_dp
 
-        result, privacy_state, epsilon = train_model_dp(
-            model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
-            proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
+        with phase("training"):
+            result, privacy_state, epsilon = train_model_dp(
+                model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
+                proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     else:
         with phase("training"):
             result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,

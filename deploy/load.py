@@ -81,7 +81,7 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
         row["round_s"] = statistics.mean(r["seconds"] for r in rounds_rows) if rounds_rows else float("nan")
         row["round_s_max"] = max((r["seconds"] for r in rounds_rows), default=float("nan"))
         row["accepted"] = min((r["accepted"] for r in rounds_rows), default=0)
-        row["breakdown"] = round_breakdown(profile, row["round_s"])
+        row["breakdown"] = round_breakdown(profile, row["round_s"], n)
         if not row["ok"]:
             row["error"] = f"{res.status}: {res.details}\n{res.output[-2000:]}"
     return row
@@ -90,38 +90,47 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
 PHASES = ("imports", "data", "model", "training", "validation", "serialisation")
 
 
-def round_breakdown(profile: Path, round_s: float) -> dict[str, float]:
+def round_breakdown(profile: Path, round_s: float, nodes: int) -> dict[str, float]:
     """Mean seconds of each part of a hospital's train call (from the ClientApp profile lines) and
     what the mean round spends outside the ClientApp processes.
 
     ``start-up``: the process's age when the handler was entered (process start, Python, Flower,
     the app's module imports, pulling the message); ``imports``: the model's imports inside the
-    handler; ``outside``: mean round time minus the mean ClientApp process time (start-up +
-    handler): the SuperNode and SuperLink polling, transfers, the server's own work.
+    handler. The calls are grouped into rounds of ``nodes`` (every node trains every round), in
+    the order they ended; ``span``: the mean over rounds of first process start to last handler
+    end; ``outside``: mean round time minus ``span``: the SuperNodes' and the SuperLink's polling,
+    the transfers, the server's own work.
     """
     if not profile.is_file():
         return {}
     calls = [json.loads(line) for line in profile.read_text().splitlines() if line.strip()]
-    calls = [c for c in calls if c.get("kind") == "train"]
+    calls = sorted((c for c in calls if c.get("kind") == "train"), key=lambda c: c["ended-at"])
     if not calls:
         return {}
     mean = lambda key: statistics.mean(float(c.get(key) or 0.0) for c in calls)  # noqa: E731
     out = {"calls": len(calls), "start-up": mean("age-at-entry"), "app-imports": mean("app-imports"),
            **{name: mean(f"phase-{name}") for name in PHASES}, "handler": mean("handler")}
-    out["outside"] = round_s - out["start-up"] - out["handler"]
+    spans = []
+    for i in range(0, len(calls) - nodes + 1, nodes):
+        group = calls[i:i + nodes]
+        first_start = min(c["ended-at"] - c["handler"] - float(c.get("age-at-entry") or 0.0) for c in group)
+        spans.append(max(c["ended-at"] for c in group) - first_start)
+    out["span"] = statistics.mean(spans) if spans else float("nan")
+    out["outside"] = round_s - out["span"]
     return out
 
 
 def format_breakdown(rows: list[dict[str, Any]]) -> str:
     """Markdown table: where a round's time goes, per number of SuperNodes (mean seconds per hospital)."""
     head = ("| SuperNodes | mean round (s) | ClientApp start-up (s) | of it app imports | model imports | data | "
-            "model build | training | local validation | serialisation | outside the ClientApp (s) |")
-    lines = [head, "|" + "---|" * 11]
+            "model build | training | local validation | serialisation | ClientApps, first start to last reply (s) "
+            "| outside the ClientApps (s) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         b = r.get("breakdown") or {}
         if not b:
             continue
-        cells = [b["start-up"], b["app-imports"], *(b[p] for p in PHASES), b["outside"]]
+        cells = [b["start-up"], b["app-imports"], *(b[p] for p in PHASES), b["span"], b["outside"]]
         lines.append(f"| {r['nodes']} | {r['round_s']:.1f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return "\n".join(lines)
 

@@ -27,6 +27,8 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from server.replies import error_summary
+
 POLL_INTERVAL = 0.2  # seconds between pulls of the replies
 
 
@@ -62,7 +64,7 @@ def deadline_reason(timeout: float | None) -> str:
 def _superlink_reply(reply: Message, timeout: float | None) -> tuple[str, str]:
     """Drop kind and reason of an error reply the SuperLink made in a node's place."""
     code = int(reply.error.code) if reply.has_error() else -1
-    flower = str(reply.error.reason) if reply.has_error() else "a reply from another node"
+    flower = error_summary(reply.error.reason) if reply.has_error() else "a reply from another node"
     if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
         return "timeout", f"{deadline_reason(timeout)}; Flower: {flower}"
     return "error", f"node unavailable; Flower: {flower}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from flwr.app import Message, MetricRecord, RecordDict
@@ -19,6 +20,21 @@ def drop_kind(msg: Message) -> str:
     if msg.has_error():
         return "declined" if int(msg.error.code) == DECLINED_CODE else "error"
     return "invalid"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(reason: str, limit: int = 300) -> str:
+    """One line of a client's error reason: Flower's simulation wraps the ClientApp's exception in a
+    Ray traceback whose last line says what was raised (the full text stays in ``messages.jsonl``)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(reason)).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[-1].rstrip("'>\"")
+    if "Message: " in line:
+        line = line.split("Message: ", 1)[1]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 class ReplyError(ValueError):

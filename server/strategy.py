@@ -40,7 +40,8 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 from client.wire import record_into, record_nbytes, record_to_state, state_to_record
 from server.aggregate import SortedStack, WeightedMean, adam_step
-from server.replies import DROP_KINDS, ReplyError, describe_message, drop_kind, order_key, single_metrics  # noqa: F401
+from server.replies import (DROP_KINDS, ReplyError, describe_message, drop_kind, error_summary,  # noqa: F401
+                            order_key, single_metrics)
 from shared_model.config import FederationConfig
 from shared_model.exchange import ExchangeError, FlatLayout, check_flat, check_state, state_norm
 
@@ -197,7 +198,7 @@ class GuardedStrategy(Strategy):
             ReplyError / ExchangeError: Naming what is wrong.
         """
         if msg.has_error():
-            raise ReplyError(f"client error: {msg.error.reason}")
+            raise ReplyError(f"client error: {error_summary(msg.error.reason)}")
         content = msg.content
         if len(content.array_records) != 1:
             raise ReplyError(f"expected one ArrayRecord, got {len(content.array_records)}")
@@ -352,7 +353,7 @@ class GuardedStrategy(Strategy):
                                **describe_message(msg)})
             try:
                 if msg.has_error():
-                    raise ReplyError(f"client error: {msg.error.reason}")
+                    raise ReplyError(f"client error: {error_summary(msg.error.reason)}")
                 if msg.content.array_records:
                     raise ReplyError("evaluation replies must not carry arrays")
                 metrics = single_metrics(msg.content, EVAL_METRIC_KEYS)

@@ -172,10 +172,12 @@ def plot_scale(result: dict[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.errorbar(ks, med, yerr=[low, high], marker="o", capsize=4)
     for k, m, p in zip(ks, med, points):
-        ax.annotate(f"{p['rounds_per_minute']:.1f}/min", (k, m), textcoords="offset points", xytext=(6, -12))
+        ax.annotate(f"{p['rounds_per_minute']:.1f}/min", (k, m), textcoords="offset points", xytext=(10, -3),
+                    va="center")
     ax.set_xlabel(f"hospitals sampled per round (of {points[0]['hospitals']})")
     ax.set_ylabel("wall time per round (s)")
     ax.set_xticks(ks)
+    ax.set_xlim(0, max(ks) * 1.2)
     ax.set_ylim(bottom=0)
     ax.set_title(f"{Path(result['config']).stem}: {result['local_steps']} local step(s), "
                  f"{points[0]['client_cpus']} CPU per client actor", fontsize=9)

@@ -127,6 +127,23 @@ def cmd_bench_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    """Entry point of ``promptsam bench scale``."""
+    from shared_model.benchmarks.record import bench_record, load_average, write_bench_record
+    from simulation.bench_scale import bench_scale, format_scale, plot_scale
+
+    if args.out and not args.out.endswith(".json"):
+        raise ValueError(f"--out {args.out}: expected a .json file")
+    load_start = load_average()
+    result = bench_scale(args.config, tuple(args.sampled), args.rounds, args.local_steps, args.run_dir, args.timeout)
+    if args.out:
+        write_bench_record(args.out, bench_record(args.argv, 1, [result], load_start))
+    if args.figure:
+        print(f"figure: {plot_scale(result, args.figure)}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else format_scale(result), flush=True)
+    return 0 if all(p["ok"] for p in result["points"]) else 1
+
+
 def add_timing_options(b: argparse.ArgumentParser) -> None:
     """``--threads``: torch's intra-op threads, pinned for the run and recorded."""
     b.add_argument("--threads", type=positive_int, default=1,
@@ -211,3 +228,19 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
     b.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
     b.set_defaults(func=cmd_bench_round)
+    b = add_command(bench, "scale", "round time of a 100-hospital simulation (Flower + Ray) against the "
+                                    "hospitals sampled per round; peak memory of the run and per client actor")
+    b.add_argument("--config", default=None,
+                   help="experiment YAML (default: simulation/configs/hospitals100_tiny.yaml, or "
+                        "hospitals100_synthetic.yaml when the real data is missing)")
+    b.add_argument("--sampled", type=positive_int, nargs="+", default=[10, 20, 50],
+                   help="hospitals sampled per round, one run each (default: 10 20 50)")
+    b.add_argument("--rounds", type=positive_int, default=3,
+                   help="rounds per run, >= 2; round 1 (actor start-up) is not timed (default: 3)")
+    b.add_argument("--local-steps", type=positive_int, default=1, help="local steps per hospital (default: 1)")
+    b.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run (default: 900)")
+    b.add_argument("--run-dir", default=None, help="keep the runs here (default: a temporary folder)")
+    b.add_argument("--out", help="also write FILE.json: the command, machine, load average and results")
+    b.add_argument("--figure", help="also draw round time against sampled hospitals (FILE.png or .svg)")
+    b.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")
+    b.set_defaults(func=cmd_bench_scale)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from client.phases import phase
 from shared_model.config import ConfigError, PrivacyConfig, RunSettings, check_privacy
 from shared_model.exchange import get_exchanged_state, set_exchanged_state, state_delta
 
@@ -46,7 +47,9 @@ class NodeSettings:
     run's split; ``partition-id`` (optional) labels the site in the server's metrics;
     ``privacy-epsilon`` / ``privacy-delta`` set this hospital's own local-DP budget and
     ``privacy-ledger`` a JSON file keeping its accountant history across SuperNode restarts (and
-    runs: every run on the same data spends from the same budget).
+    runs: every run on the same data spends from the same budget); ``data-cache`` the folder of
+    the validated-data cache (:mod:`shared_model.data.disk_cache`; default
+    ``~/.cache/promptsam/data``, ``off`` to validate every pair every round).
     Simulation: Flower sets ``partition-id`` and ``num-partitions``.
     """
 
@@ -59,6 +62,7 @@ class NodeSettings:
     privacy_epsilon: float | None = None
     privacy_delta: float | None = None
     privacy_ledger: str | None = None
+    data_cache: str | None = None
 
 
 _NODE_KEYS: dict[str, type] = {
@@ -71,6 +75,7 @@ _NODE_KEYS: dict[str, type] = {
     "privacy-epsilon": float,
     "privacy-delta": float,
     "privacy-ledger": str,
+    "data-cache": str,
 }
 
 
@@ -138,18 +143,39 @@ def _local_samples(settings: RunSettings, node: NodeSettings) -> tuple[str, dict
     return site.name, {"train": site.train, "val": site.val, "test": site.test}
 
 
+def data_cache_dir(node: NodeSettings) -> Path | None:
+    """The validated-data cache of a deployed hospital (``data-cache``, default
+    :func:`~shared_model.data.disk_cache.default_cache_dir`), or None: off (``data-cache = "off"``,
+    and in simulation, where the actors keep their processes and the partitions are small)."""
+    from shared_model.data.disk_cache import default_cache_dir
+
+    if node.data_cache == "off" or (not node.data_path and not node.data_cache):
+        return None
+    return Path(node.data_cache) if node.data_cache else default_cache_dir()
+
+
 def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> LocalData:
     """Build the hospital's datasets (training set augmented with ``seed`` if configured; the
-    validation set, scored in federated evaluation, prompted per ``data.eval_prompt``)."""
-    from shared_model.data.dataset import PolypDataset, evaluation_dataset
+    validation set, scored in federated evaluation, prompted per ``data.eval_prompt``).
+
+    With a data cache (:func:`data_cache_dir`) the pairs' validation (image headers, full-size
+    masks) is read from disk when the data folder's files are unchanged since it was stored.
+    """
+    with phase("imports"):
+        from shared_model.data.dataset import PolypDataset, evaluation_dataset
+        from shared_model.data.disk_cache import validate_cached
 
     name, splits = _local_samples(settings, node)
     data, size, resize = settings.data, settings.model.sam.image_size, settings.model.sam.input_resize
+    cache = data_cache_dir(node)
     train = PolypDataset(splits["train"], size, augment=data.augment, seed=seed, prompt_mode=data.prompt_mode,
-                         class_name=data.class_name, on_error=data.on_error, resize=resize)
+                         class_name=data.class_name, on_error=data.on_error, resize=resize, validate=cache is None)
     val = (evaluation_dataset(splits["val"], size, data.eval_prompt, data.class_name, data.on_error,
-                              resize=resize)
+                              resize=resize, validate=cache is None)
            if splits["val"] else None)
+    if cache is not None:
+        for dataset in (train, val) if val is not None else (train,):
+            validate_cached(dataset, cache)
     return LocalData(name, train, val)
 
 
@@ -244,8 +270,9 @@ def train_round(
         shared_model.training.privacy.PrivacyBudgetExceeded: If this round would take the hospital past
             its epsilon budget (nothing is trained).
     """
-    from shared_model.training.evaluate import evaluate_model
-    from shared_model.training.loop import LRSchedule, train_model
+    with phase("imports"):
+        from shared_model.training.evaluate import evaluate_model
+        from shared_model.training.loop import LRSchedule, train_model
 
     fed = settings.federation
     schedule = LRSchedule.federated(server_round, fed.local_steps, fed.num_server_rounds)
@@ -259,12 +286,14 @@ def train_round(
     if local_dp:
         from shared_model.training.privacy import train_model_dp
 
-        result, privacy_state, epsilon = train_model_dp(
-            model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
-            proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
+        with phase("training"):
+            result, privacy_state, epsilon = train_model_dp(
+                model, data.train, cfg, privacy, privacy_state, device=fed.device, steps=fed.local_steps,
+                proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     else:
-        result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
-                             proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
+        with phase("training"):
+            result = train_model(model, data.train, cfg, device=fed.device, steps=fed.local_steps,
+                                 proximal_reference=reference, optimizer_state=optimizer_state, schedule=schedule)
     delta = state_delta(get_exchanged_state(model), global_state)
     # Under local DP the loss, the local Dice and the training time (it follows the Poisson-sampled
     # batch sizes) are statistics of the private data that the DP guarantee does not cover: not
@@ -272,7 +301,9 @@ def train_round(
     release = not local_dp or privacy.release_metrics
     val_dice = float("nan")
     if data.val is not None and release:
-        val_dice = evaluate_model(model, data.val, device=fed.device, batch_size=fed.eval_batch_size).aggregate["dice"]
+        with phase("validation"):
+            val_dice = evaluate_model(model, data.val, device=fed.device,
+                                      batch_size=fed.eval_batch_size).aggregate["dice"]
     metrics = {
         "num-examples": len(data.train),
         "partition-id": partition_id,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context
 
+from client.phases import phase
 from client.task import (
     TrainOutcome,
     client_seed,
@@ -72,8 +73,9 @@ def local_update(
     Raises:
         PrivacyBudgetExceeded: The round would exceed the hospital's epsilon (now or earlier).
     """
-    from shared_model.fewshot.federated import build_run_model
-    from shared_model.training.privacy import PrivacyBudgetExceeded
+    with phase("imports"):
+        from shared_model.fewshot.federated import build_run_model
+        from shared_model.training.errors import PrivacyBudgetExceeded  # no Opacus without local DP
 
     settings = from_run_config(dict(context.run_config))
     node = parse_node_config(dict(context.node_config))
@@ -85,8 +87,10 @@ def local_update(
     if privacy.local_dp and exhausted and spent_at == [privacy.epsilon, privacy.delta]:
         raise PrivacyBudgetExceeded(exhausted)  # spent at this budget already: no need to load data
     seed = client_seed(settings.federation.seed, server_round, node.partition_id)
-    data = load_local_data(settings, node, seed)
-    model = build_run_model(settings)
+    with phase("data"):
+        data = load_local_data(settings, node, seed)
+    with phase("model"):
+        model = build_run_model(settings)
     keep = settings.federation.keep_optimizer_state
     optimizer_state = None
     if keep and _OPTIMIZER_KEY in context.state:

@@ -14,14 +14,15 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 
 from deploy.certs import generate_certs
-from deploy.local import LocalFederation, descendants
+from deploy.local import LocalFederation
+from client.phases import PROFILE_ENV
+from shared_model.benchmarks.procmem import ProcessTreeProbe as MemoryProbe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,44 +43,6 @@ def project_run_config(run_dir: Path, nodes: int, rounds: int, local_steps: int)
     }
 
 
-class MemoryProbe:
-    """Samples the summed proportional set size (PSS: shared pages split among their users) of a set of
-    process trees every ``interval`` seconds; falls back to RSS where ``smaps_rollup`` is missing."""
-
-    def __init__(self, roots: list[int], interval: float = 1.0) -> None:
-        self.roots, self.interval, self.peak_mib = roots, interval, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            pids = {p for r in self.roots for p in (r, *descendants(r))}
-            total = 0
-            for pid in pids:
-                total += _memory_kib(pid)
-            self.peak_mib = max(self.peak_mib, total / 1024)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "MemoryProbe":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def _memory_kib(pid: int) -> int:
-    for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
-        try:
-            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-                if line.startswith(key):
-                    return int(line.split()[1])
-        except OSError:
-            continue
-    return 0
-
-
 def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
             timeout: float) -> dict[str, Any]:
     """One load point: N SuperNodes, ``rounds`` rounds; returns the table row."""
@@ -89,13 +52,16 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
     certs = generate_certs(workdir / "certs", ["IP:127.0.0.1", "DNS:localhost"], names)
     data = generate_dataset(workdir / "data", names, per_centre=per_site, image_size=64, seed=n)
     row: dict[str, Any] = {"nodes": n}
+    profile = workdir / "client_profile.jsonl"  # every ClientApp call's phases (client.phases)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", PROFILE_ENV: str(profile)}
     # One torch thread per process: every ClientApp, the ServerApp and the SuperLink share the cores.
-    with LocalFederation(workdir / "fed", certs, env_extra={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}) as fed:
+    with LocalFederation(workdir / "fed", certs, env_extra=env) as fed:
         fed.start_superlink()
         for name in names:
             fed.register(certs.hospitals[name][1])
         t0 = time.perf_counter()
-        procs = [fed.start_supernode(name, {"data-path": str(data / name), "partition-id": i})
+        procs = [fed.start_supernode(name, {"data-path": str(data / name), "partition-id": i,
+                                            "data-cache": str(workdir / "data-cache")})
                  for i, name in enumerate(names)]
         for proc in procs:
             fed.wait_online(proc, timeout=120 + 10 * n)
@@ -115,9 +81,58 @@ def measure(n: int, workdir: Path, rounds: int, local_steps: int, per_site: int,
         row["round_s"] = statistics.mean(r["seconds"] for r in rounds_rows) if rounds_rows else float("nan")
         row["round_s_max"] = max((r["seconds"] for r in rounds_rows), default=float("nan"))
         row["accepted"] = min((r["accepted"] for r in rounds_rows), default=0)
+        row["breakdown"] = round_breakdown(profile, row["round_s"], n)
         if not row["ok"]:
             row["error"] = f"{res.status}: {res.details}\n{res.output[-2000:]}"
     return row
+
+
+PHASES = ("imports", "data", "model", "training", "validation", "serialisation")
+
+
+def round_breakdown(profile: Path, round_s: float, nodes: int) -> dict[str, float]:
+    """Mean seconds of each part of a hospital's train call (from the ClientApp profile lines) and
+    what the mean round spends outside the ClientApp processes.
+
+    ``start-up``: the process's age when the handler was entered (process start, Python, Flower,
+    the app's module imports, pulling the message); ``imports``: the model's imports inside the
+    handler. The calls are grouped into rounds of ``nodes`` (every node trains every round), in
+    the order they ended; ``span``: the mean over rounds of first process start to last handler
+    end; ``outside``: mean round time minus ``span``: the SuperNodes' and the SuperLink's polling,
+    the transfers, the server's own work.
+    """
+    if not profile.is_file():
+        return {}
+    calls = [json.loads(line) for line in profile.read_text().splitlines() if line.strip()]
+    calls = sorted((c for c in calls if c.get("kind") == "train"), key=lambda c: c["ended-at"])
+    if not calls:
+        return {}
+    mean = lambda key: statistics.mean(float(c.get(key) or 0.0) for c in calls)  # noqa: E731
+    out = {"calls": len(calls), "start-up": mean("age-at-entry"), "app-imports": mean("app-imports"),
+           **{name: mean(f"phase-{name}") for name in PHASES}, "handler": mean("handler")}
+    spans = []
+    for i in range(0, len(calls) - nodes + 1, nodes):
+        group = calls[i:i + nodes]
+        first_start = min(c["ended-at"] - c["handler"] - float(c.get("age-at-entry") or 0.0) for c in group)
+        spans.append(max(c["ended-at"] for c in group) - first_start)
+    out["span"] = statistics.mean(spans) if spans else float("nan")
+    out["outside"] = round_s - out["span"]
+    return out
+
+
+def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: where a round's time goes, per number of SuperNodes (mean seconds per hospital)."""
+    head = ("| SuperNodes | mean round (s) | ClientApp start-up (s) | of it app imports | model imports | data | "
+            "model build | training | local validation | serialisation | ClientApps, first start to last reply (s) "
+            "| outside the ClientApps (s) |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        b = r.get("breakdown") or {}
+        if not b:
+            continue
+        cells = [b["start-up"], b["app-imports"], *(b[p] for p in PHASES), b["span"], b["outside"]]
+        lines.append(f"| {r['nodes']} | {r['round_s']:.1f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -156,6 +171,8 @@ def run_load(nodes: list[int], rounds: int = 2, local_steps: int = 2, per_site: 
             if "error" in row:
                 print(row["error"], file=sys.stderr)
     print(format_table(rows))
+    print()
+    print(format_breakdown(rows))
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from deploy.certs import CertBundle
 from deploy.commands import register_command, run_command, superlink_command, supernode_command, write_connection
+from shared_model.benchmarks.procmem import descendants  # noqa: F401 - re-exported for deploy's callers
 
 CONNECTION = "local-tls"
 
@@ -80,23 +81,6 @@ class Proc:
         """SIGKILL the process and all its descendants at once (a crash, not a shutdown)."""
         _signal_all(self.popen.pid, [self.popen.pid, *descendants(self.popen.pid)], signal.SIGKILL)
         self.popen.wait(timeout=10)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _exists(pid: int) -> bool:

@@ -297,9 +297,12 @@ def _dropped(rows: list[dict[str, Any]]) -> str:
         return ('<section id="dropped"><h2>Dropped replies</h2>'
                 '<p class="note">None: every reply was accepted.</p></section>')
     body = [[str(r["round"]), _e(r["kind"]), _e(r.get("hospital", "-")), _e(r.get("node-id", "-")),
-             _e(r.get("reason") or "-")] for r in bad]
+             _e(r.get("drop") or "-"), _e(r.get("reason") or "-")] for r in bad]
     return ('<section id="dropped"><h2>Dropped and declined replies</h2>'
-            + _table(["round", "phase", "hospital", "node", "reason"], body, "dropped") + "</section>")
+            '<p class="note">why: timeout = no reply before the deadline (reply-timeout), error = the hospital '
+            'failed or went away, declined = its local-DP budget is spent, invalid = the reply failed '
+            'validation.</p>'
+            + _table(["round", "phase", "hospital", "node", "why", "reason"], body, "dropped") + "</section>")
 
 
 def _grid(overlays: list[dict[str, Any]] | None, source: str, note: str | None) -> str:

@@ -1,8 +1,9 @@
 """The server's round loop: train, federated evaluation, global evaluation, log, checkpoint.
 
-It follows ``flwr.serverapp.strategy.Strategy.start`` (configure_train -> send_and_receive ->
-aggregate_train -> configure_evaluate -> send_and_receive -> aggregate_evaluate -> evaluate_fn)
-but can start at any round, so that ``resume`` continues from the last checkpoint. Node sampling
+It follows ``flwr.serverapp.strategy.Strategy.start`` (configure_train -> send and receive ->
+aggregate_train -> configure_evaluate -> send and receive -> aggregate_evaluate -> evaluate_fn),
+receiving with :func:`server.collect.send_and_collect` (the deadline, and which sampled node did
+not reply), but can start at any round, so that ``resume`` continues from the last checkpoint. Node sampling
 (Python's ``random``) is reseeded from ``(seed, round)`` every round, and client seeds depend on
 ``(seed, round, partition)`` only, so a resumed run reproduces an uninterrupted one.
 """
@@ -29,6 +30,8 @@ from server.checkpoint import CHECKPOINT_NAME, ResumeError, ServerCheckpoint, ch
 from server.html_report import write_reports
 from server.report import AUDIT_NAME, METRICS_NAME, JsonLines
 from server.privacy import check_privacy_strategy, declined, privacy_summary, round_privacy, wrap_central_dp
+from server.collect import send_and_collect
+from server.replies import DROP_KINDS
 from server.strategy import GuardedStrategy, build_inner_strategy
 from shared_model.config import ConfigError, DataConfig, RunSettings
 from shared_model.exchange import check_state, get_exchanged_state, set_exchanged_state, state_shapes
@@ -210,8 +213,9 @@ class FederatedServer:
         else:
             arrays = state_to_record(state, "float32")
             messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-            replies = grid.send_and_receive(messages=messages, timeout=fed.reply_timeout)
-            new_arrays, train_agg = self.strategy.aggregate_train(rnd, replies)
+            train = send_and_collect(grid, messages, fed.reply_timeout)
+            new_arrays, train_agg = self.strategy.aggregate_train(rnd, train.replies)
+            self.strategy.record_unreplied(rnd, train.unreplied, "train")
             if new_arrays is not None:
                 state = record_to_state(new_arrays)
             train_rows = [{"round": rnd, "kind": "train", "hospital": self._name(r), **r}
@@ -219,9 +223,11 @@ class FederatedServer:
         eval_messages = list(self.strategy.configure_evaluate(rnd, state_to_record(state, "float32"),
                                                               ConfigRecord(), grid))
         eval_agg = None
+        self.strategy.eval_records = []
         if eval_messages:
-            eval_agg = self.strategy.aggregate_evaluate(
-                rnd, grid.send_and_receive(messages=eval_messages, timeout=fed.reply_timeout))
+            evaluated = send_and_collect(grid, eval_messages, fed.reply_timeout)
+            eval_agg = self.strategy.aggregate_evaluate(rnd, evaluated.replies)
+            self.strategy.record_unreplied(rnd, evaluated.unreplied, "evaluate")
         eval_rows = [{"round": rnd, "kind": "evaluate", "hospital": self._name(r), **r}
                      for r in self.strategy.eval_records]
         metrics = self.evaluate(state)
@@ -232,6 +238,10 @@ class FederatedServer:
             "seconds": time.perf_counter() - start,
             "accepted": len(accepted),
             "dropped": len(train_rows) - len(accepted),
+            "sampled": len(train_rows),
+            "min-nodes": fed.min_nodes,
+            "status": "secagg" if secagg else self.strategy.round_status,
+            **{f"dropped-{kind}": sum(1 for r in train_rows if r.get("drop") == kind) for kind in DROP_KINDS},
             "bytes-up": secagg["bytes-up"] if secagg else sum(r["bytes-up"] for r in accepted),
             "bytes-down": self.strategy.bytes_down * (len(messages) + len(eval_messages))
             + (secagg["bytes-down"] if secagg else 0),
@@ -282,9 +292,9 @@ class FederatedServer:
             if fed.keep_round_checkpoints:
                 save_checkpoint(self.run_dir / "checkpoints" / f"round-{rnd:03d}.pt", ckpt)
             done = rows[-1]
-            log.info("round %d/%d: global Dice %s, federated Dice %s, %d accepted / %d dropped, %.1f s",
+            log.info("round %d/%d: global Dice %s, federated Dice %s, %d accepted / %d dropped%s, %.1f s",
                      rnd, fed.num_server_rounds, _fmt(next((r["dice"] for r in rows if r["kind"] == "global"), None)),
-                     _fmt(done["dice"]), done["accepted"], done["dropped"], done["seconds"])
+                     _fmt(done["dice"]), done["accepted"], done["dropped"], _drops(done), done["seconds"])
             train = [r for r in rows if r["kind"] == "train"]
             if train and all(declined(r) for r in train):
                 log.warning("every hospital declined round %d (local DP budgets spent); stopping", rnd)
@@ -377,6 +387,12 @@ def evaluation_sets(settings: RunSettings, image_size: int | None = None):
     # A root of centres or one centre's folder, holding images of the config's task.
     samples, _ = list_samples(path, None, data.on_error, config_task(data))
     return _dataset(settings, samples, image_size), None
+
+
+def _drops(round_row: dict[str, Any]) -> str:
+    """`` (2 timeout, 1 error)``: the round's dropped replies by kind, or "" when none was dropped."""
+    parts = [f"{round_row[f'dropped-{k}']} {k}" for k in DROP_KINDS if round_row.get(f"dropped-{k}")]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _fmt(value: float | None) -> str:

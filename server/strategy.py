@@ -8,7 +8,11 @@ message strategies (``flwr.serverapp.strategy``) and
    (:data:`client.task.TRAIN_METRIC_KEYS`), decodable wire arrays, then the exact key set, shapes,
    finite values and optional L2 bound on the delta (``shared_model.exchange.check_flat`` on the
    delta decoded into one flat vector, or ``check_state`` for a reply not in the canonical wire
-   layout). A bad reply is dropped and logged with its node id; the round goes on;
+   layout). A bad reply is dropped and logged with its node id, the reason and its kind
+   (:data:`server.replies.DROP_KINDS`: an error reply, a declined round, a failed validation; the
+   server adds the nodes without a reply of their own with :meth:`record_unreplied`); the
+   round is aggregated when at least ``min-nodes`` replies are valid, else the global state is
+   kept and the run goes on;
 3. aggregates the deltas in partition-id order, so the aggregate does not depend on arrival order:
    for Flower's FedAvg / FedProx (weighted by ``num-examples``), FedAdam, FedMedian and
    FedTrimmedAvg with the same arithmetic on flat vectors, each reply folded in as it is validated
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -37,6 +40,8 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 from client.wire import record_into, record_nbytes, record_to_state, state_to_record
 from server.aggregate import SortedStack, WeightedMean, adam_step
+from server.replies import (DROP_KINDS, ReplyError, describe_message, drop_kind, error_summary,  # noqa: F401
+                            order_key, single_metrics)
 from shared_model.config import FederationConfig
 from shared_model.exchange import ExchangeError, FlatLayout, check_flat, check_state, state_norm
 
@@ -66,40 +71,6 @@ def build_inner_strategy(fed: FederationConfig) -> FedAvg:
     raise ValueError(f"strategy: unknown strategy {fed.strategy!r}")
 
 
-class ReplyError(ValueError):
-    """A client reply breaks the message contract."""
-
-
-def describe_message(msg: Message) -> dict[str, Any]:
-    """Structure of a reply as received: record names, array keys with dtype and shape, metric keys."""
-    if msg.has_error():
-        return {"error": str(msg.error.reason)}
-    content = msg.content
-    return {
-        "array-records": {
-            name: {key: [arr.dtype, list(arr.shape)] for key, arr in rec.items()}
-            for name, rec in content.array_records.items()
-        },
-        "metric-records": {name: sorted(rec.keys()) for name, rec in content.metric_records.items()},
-        "config-records": {name: sorted(rec.keys()) for name, rec in content.config_records.items()},
-    }
-
-
-def _single_metrics(content: RecordDict, expected: tuple[str, ...]) -> MetricRecord:
-    if len(content.metric_records) != 1:
-        raise ReplyError(f"expected one MetricRecord, got {len(content.metric_records)}")
-    metrics = next(iter(content.metric_records.values()))
-    if set(metrics.keys()) != set(expected):
-        raise ReplyError(f"metric keys {sorted(metrics.keys())} != expected {sorted(expected)}")
-    for key, value in metrics.items():
-        if isinstance(value, list) or isinstance(value, bool):
-            raise ReplyError(f"metric {key!r} must be a single number, got {value!r}")
-    examples = metrics["num-examples"]
-    if not math.isfinite(examples) or examples <= 0:
-        raise ReplyError(f"num-examples must be a positive number, got {examples!r}")
-    return metrics
-
-
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pause Python's automatic garbage collections for the block.
@@ -118,16 +89,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _order_key(msg: Message) -> tuple[float, int]:
-    """(partition id, node id) of a reply; malformed replies (dropped later) sort last."""
-    try:
-        metrics = next(iter(msg.content.metric_records.values()))
-        partition = float(metrics["partition-id"])
-    except Exception:  # noqa: BLE001 - an error reply or broken metrics: validation says what
-        partition = math.inf
-    return (partition if math.isfinite(partition) else math.inf, int(msg.metadata.src_node_id))
 
 
 class GuardedStrategy(Strategy):
@@ -177,6 +138,8 @@ class GuardedStrategy(Strategy):
         self.eval_records: list[dict[str, Any]] = []
         self.audit: list[dict[str, Any]] = []
         self.bytes_down = 0
+        self.round_status = ""
+        self.node_partitions: dict[int, float] = {}  # node id -> partition id, from its valid replies
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -235,11 +198,11 @@ class GuardedStrategy(Strategy):
             ReplyError / ExchangeError: Naming what is wrong.
         """
         if msg.has_error():
-            raise ReplyError(f"client error: {msg.error.reason}")
+            raise ReplyError(f"client error: {error_summary(msg.error.reason)}")
         content = msg.content
         if len(content.array_records) != 1:
             raise ReplyError(f"expected one ArrayRecord, got {len(content.array_records)}")
-        metrics = _single_metrics(content, self.train_metric_keys)
+        metrics = single_metrics(content, self.train_metric_keys)
         record = next(iter(content.array_records.values()))
         if record_into(record, self.layout, out):
             norm = check_flat(out, self.layout, self.max_update_norm)
@@ -272,7 +235,7 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         aggregator = self._aggregator()
         buffer = torch.empty(self.layout.numel, dtype=torch.float32)
-        ordered = sorted(enumerate(replies), key=lambda item: _order_key(item[1])) \
+        ordered = sorted(enumerate(replies), key=lambda item: order_key(item[1])) \
             if isinstance(replies, Sequence) else enumerate(replies)
         rows: dict[int, dict[str, Any]] = {}
         audit: dict[int, dict[str, Any]] = {}
@@ -282,8 +245,10 @@ class GuardedStrategy(Strategy):
             gc.collect(0)  # the young generation only: frees the reply's arrays (see _collector_paused)
         self.audit += [audit[i] for i in sorted(audit)]
         self.train_records = [rows[i] for i in sorted(rows)]
+        self.round_status = "aggregated"
         if not accepted:
             log.warning("round %d: no valid reply; the global state is unchanged", server_round)
+            self.round_status = "skipped: no valid reply"
             return None, None
         # A node that died mid-round answers with an error (or not at all): below min-nodes the round fails.
         min_replies = int(getattr(self.inner, "min_train_nodes", 1))
@@ -291,6 +256,7 @@ class GuardedStrategy(Strategy):
             log.warning("round %d failed: %d valid train repl%s, fewer than min-nodes=%d; the global state is "
                         "unchanged and the next round goes on", server_round, len(accepted),
                         "y" if len(accepted) == 1 else "ies", min_replies)
+            self.round_status = f"skipped: {len(accepted)} valid replies < min-nodes {min_replies}"
             return None, None
         accepted.sort(key=lambda item: item[0])
         if aggregator is None:
@@ -319,8 +285,11 @@ class GuardedStrategy(Strategy):
             metrics, nbytes, norm = self.validate_train_reply(msg, buffer)
         except (ReplyError, ExchangeError) as err:
             log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
-            row["reason"] = str(err)
+            row.update(reason=str(err), drop=drop_kind(msg))
+            if node in self.node_partitions:
+                row["partition-id"] = self.node_partitions[node]
             return audit, row
+        self.node_partitions[node] = float(metrics["partition-id"])
         row.update(accepted=True, **{k: float(v) for k, v in metrics.items()},
                    **{"bytes-up": nbytes, "update-norm": norm})
         if aggregator is not None:
@@ -335,6 +304,26 @@ class GuardedStrategy(Strategy):
             })
         accepted.append(((float(metrics["partition-id"]), node), msg))
         return audit, row
+
+    def record_unreplied(self, server_round: int, unreplied: Iterable[tuple[int, str, str]],
+                         phase: str = "train") -> None:
+        """Add a dropped row for every node without a reply of its own to its ``phase`` message
+        (to :attr:`train_records` or :attr:`eval_records`).
+
+        Args:
+            server_round: The round.
+            unreplied: ``(node id, drop kind, reason)`` (:attr:`server.collect.Collected.unreplied`).
+            phase: ``train`` or ``evaluate``.
+        """
+        records = self.train_records if phase == "train" else self.eval_records
+        for node, kind, reason in unreplied:
+            log.warning("round %d: dropped node %d (%s): %s", server_round, node, phase, reason)
+            row: dict[str, Any] = {"node-id": int(node), "accepted": False, "drop": kind, "reason": reason}
+            if phase == "train":
+                row["bytes-down"] = self.bytes_down
+            if node in self.node_partitions:
+                row["partition-id"] = self.node_partitions[node]
+            records.append(row)
 
     def _flower_aggregate(self, server_round: int, replies: list[Message]
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -364,13 +353,14 @@ class GuardedStrategy(Strategy):
                                **describe_message(msg)})
             try:
                 if msg.has_error():
-                    raise ReplyError(f"client error: {msg.error.reason}")
+                    raise ReplyError(f"client error: {error_summary(msg.error.reason)}")
                 if msg.content.array_records:
                     raise ReplyError("evaluation replies must not carry arrays")
-                metrics = _single_metrics(msg.content, EVAL_METRIC_KEYS)
+                metrics = single_metrics(msg.content, EVAL_METRIC_KEYS)
             except ReplyError as err:
                 log.warning("round %d: dropped evaluation reply from node %d: %s", server_round, node, err)
-                self.eval_records.append({"node-id": node, "accepted": False, "reason": str(err)})
+                self.eval_records.append({"node-id": node, "accepted": False, "reason": str(err),
+                                          "drop": drop_kind(msg)})
                 continue
             self.eval_records.append({"node-id": node, "accepted": True, "reason": "",
                                       **{k: float(v) for k, v in metrics.items()}})

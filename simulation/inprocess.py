@@ -42,6 +42,10 @@ class InProcessGrid(Grid):
         node_configs: Optional per-node configs replacing the default ``partition-id`` ones.
         reply_hook: Optional ``f(reply) -> reply`` applied to every reply (tests use it to
             tamper with messages on the wire).
+        clock: Seconds (default ``time.monotonic``). ``send_and_receive(timeout=T)`` keeps the
+            deadline as if the nodes ran in parallel, as deployed hospitals do: a node whose call
+            takes longer than ``T`` seconds of this clock replies too late and its reply is not
+            returned. Tests pass a fake clock that an injected sleep advances.
     """
 
     def __init__(
@@ -51,9 +55,11 @@ class InProcessGrid(Grid):
         num_nodes: int,
         node_configs: list[dict[str, Any]] | None = None,
         reply_hook: Callable[[Message], Message] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_app = client_app
         self.reply_hook = reply_hook
+        self.clock = clock
         configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, node_config=dict(cfg), state=RecordDict(),
@@ -85,15 +91,19 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Run the ClientApp for every message in turn and collect the replies."""
+        """Run the ClientApp for every message in turn and collect the replies of the calls that
+        took at most ``timeout`` seconds of :attr:`clock` (None = no deadline)."""
         replies = []
         for msg in messages:
+            start = self.clock()
             msg = wire_copy(msg)  # as the transport delivers it: no object shared between nodes
             context = self.contexts[msg.metadata.dst_node_id]
             try:
                 reply = self.client_app(msg, context)
             except Exception as err:  # noqa: BLE001 - Flower turns client exceptions into error replies
                 reply = Message(Error(code=_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if timeout is not None and self.clock() - start > timeout:
+                continue  # finished after the deadline: the server no longer waits for it
             reply = wire_copy(reply)
             replies.append(self.reply_hook(reply) if self.reply_hook else reply)
         return replies
@@ -105,8 +115,11 @@ def run_inprocess(
     run_dir: str | Path | None = None,
     resume: bool = False,
     reply_hook: Callable[[Message], Message] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Prepare an experiment like ``simulate`` and run it with an :class:`InProcessGrid`.
+
+    ``reply_hook`` and ``clock`` are passed to the :class:`InProcessGrid`.
 
     Returns:
         The report's path.
@@ -118,7 +131,7 @@ def run_inprocess(
 
     exp, run_dir = prepare_run(config_path, overrides, run_dir, resume)
     run_config = exp.run_config()
-    grid = InProcessGrid(client_app, run_config, exp.simulation.num_supernodes, reply_hook=reply_hook)
+    grid = InProcessGrid(client_app, run_config, exp.simulation.num_supernodes, reply_hook=reply_hook, clock=clock)
     start = time.perf_counter()
     report = FederatedServer(from_run_config(run_config), run_config).run(grid)
     print(f"report: {report} ({time.perf_counter() - start:.1f} s)")

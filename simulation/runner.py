@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 CONNECTION = "promptsam-sim"
 # Ray's "Tip: In future versions of Ray, ..." FutureWarning at ray.init (Ray's current behaviour is kept).
@@ -189,10 +189,13 @@ def run_flower_simulation(
     resources: SimulationResources,
     timeout: float | None = None,
     echo: bool = True,
+    on_start: Callable[[int], None] | None = None,
 ) -> Path:
     """Run the app in ``app_dir`` on ``resources.num_supernodes`` virtual nodes.
 
-    Logs go to ``<run_dir>/flower.log`` (and to stdout if ``echo``).
+    Logs go to ``<run_dir>/flower.log`` (and to stdout if ``echo``). ``on_start`` is called with
+    the SuperLink's process id once it is ready (the simulation engine and Ray's processes are
+    its descendants; benchmarks measure their memory).
 
     Returns:
         The log file's path.
@@ -216,6 +219,8 @@ def run_flower_simulation(
     )
     try:
         _wait_healthy(port, superlink, superlink_log)
+        if on_start is not None:
+            on_start(superlink.pid)
         cmd = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--stream",
                "--federation-config", federation_config(resources)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -24,6 +24,19 @@ SYNTHETIC_PER_CENTRE = 8
 SYNTHETIC_SIZE = 64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Deployed hospitals cache their data check under $PROMPTSAM_CACHE: a temporary folder in tests
+    (inherited by the SuperNodes and ClientApp processes the deployment tests start)."""
+    previous = os.environ.get("PROMPTSAM_CACHE")
+    os.environ["PROMPTSAM_CACHE"] = str(tmp_path_factory.mktemp("promptsam_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PROMPTSAM_CACHE", None)
+    else:
+        os.environ["PROMPTSAM_CACHE"] = previous
+
+
 @pytest.fixture
 def one_thread():
     """Run the test with one torch thread (federation tests are many small ops; 2 cores are shared)."""

@@ -14,6 +14,7 @@ the dataclass field names (snake_case), parsed strictly: an unknown key or a wro
     privacy: {local_dp: true, epsilon: 8.0}            # PrivacyConfig (local / central DP, SecAgg+)
     adapter: {enabled: true, name: polyp}              # AdapterConfig: exchange only a task adapter
     simulation: {num_supernodes: 3, client_cpus: 1, client_gpus: 0}
+    faults: {sleep_fraction: 0.1, error_fraction: 0.05, sleep_seconds: 60}  # simulation-only FaultConfig
 
 The typed config maps onto Flower's flat run config with :func:`shared_model.config.to_run_config`;
 ``partition.hospitals`` is set to ``simulation.num_supernodes``. Relative data paths are resolved
@@ -30,6 +31,7 @@ from typing import Any, Mapping
 import yaml
 
 from shared_model.config.adapter import AdapterConfig, check_adapter
+from shared_model.config.faults import FaultConfig, check_faults
 from shared_model.config.federation import FederationConfig, PartitionConfig, check_federation, to_run_config
 from shared_model.config.model import model_config_from_dict
 from shared_model.config.parse import ConfigError, blame_overrides, from_dict, load_yaml
@@ -38,7 +40,7 @@ from shared_model.config.site import DataConfig, TrainConfig, check_data, check_
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation", "privacy",
-            "adapter")
+            "adapter", "faults")
 
 
 @dataclass
@@ -76,13 +78,14 @@ class Experiment:
     simulation: SimulationConfig
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
     def run_config(self) -> dict[str, bool | int | float | str]:
         """The Flower run config of this experiment."""
         return to_run_config(self.federation, self.partition, self.model, self.train, self.data, self.privacy,
-                             self.adapter)
+                             self.adapter, self.faults)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -156,6 +159,7 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
             privacy=from_dict(PrivacyConfig, section("privacy"), "privacy"),
             simulation=from_dict(SimulationConfig, section("simulation"), "simulation"),
             adapter=from_dict(AdapterConfig, section("adapter"), "adapter"),
+            faults=from_dict(FaultConfig, section("faults"), "faults"),
             source=source,
             raw=data,
         )
@@ -168,6 +172,10 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
         check_data(exp.data, "data.")
         check_privacy(exp.privacy, "privacy.")
         check_adapter(exp.adapter, "adapter.")
+        check_faults(exp.faults, "faults.")
+        if exp.faults.sleep_fraction > 0 and exp.federation.reply_timeout >= exp.faults.sleep_seconds:
+            raise ConfigError(f"faults.sleep_seconds: {exp.faults.sleep_seconds:g} s does not pass the deadline "
+                              f"federation.reply_timeout={exp.federation.reply_timeout:g} s; make it longer")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     if exp.data.sources:  # the root is not read, and must keep its default

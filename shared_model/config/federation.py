@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from shared_model.config.adapter import AdapterConfig, check_adapter
+from shared_model.config.faults import FaultConfig, check_faults
 from shared_model.config.model import ModelConfig, model_config_from_dict
 from shared_model.config.parse import ConfigError, _coerce, from_dict, kebab, to_dict
 from shared_model.config.privacy import PrivacyConfig, check_privacy
@@ -76,6 +77,7 @@ class RunSettings:
     privacy: "PrivacyConfig" = field(default_factory=lambda: PrivacyConfig())
     # adapter.enabled: exchange only a task adapter (the base frozen at every site).
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)  # simulation only
 
 
 _RUN_JSON_KEYS = ("model-config", "train-config", "data-config", "adapter-config")
@@ -89,11 +91,13 @@ def to_run_config(
     data: DataConfig,
     privacy: "PrivacyConfig | None" = None,
     adapter: AdapterConfig | None = None,
+    faults: FaultConfig | None = None,
 ) -> dict[str, bool | int | float | str]:
     """Map typed settings onto Flower's flat run config (kebab-case keys, scalar values).
 
     Federation fields keep their names (``num-server-rounds``, ``wire-dtype``); partition fields
-    get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
+    get a ``partition-`` prefix, privacy fields (if given) a ``privacy-`` prefix, fault-injection
+    fields (if given; simulation only) a ``fault-`` prefix; the model (``{"preset": ..., <overrides>}``), train and data
     configs travel as JSON strings under ``model-config``, ``train-config`` and ``data-config``, and
     an :class:`AdapterConfig` (if given) under ``adapter-config``.
     """
@@ -106,6 +110,8 @@ def to_run_config(
         out["partition-" + kebab(f.name)] = getattr(partition, f.name)
     for f in dataclasses.fields(privacy) if privacy is not None else ():
         out["privacy-" + kebab(f.name)] = getattr(privacy, f.name)
+    for f in dataclasses.fields(faults) if faults is not None else ():
+        out["fault-" + kebab(f.name)] = getattr(faults, f.name)
     out["model-config"] = json.dumps(model, sort_keys=True)
     out["train-config"] = json.dumps(to_dict(train), sort_keys=True)
     out["data-config"] = json.dumps(to_dict(data), sort_keys=True)
@@ -138,6 +144,7 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
     fed_keys = {kebab(f.name) for f in dataclasses.fields(FederationConfig)}
     part_keys = {"partition-" + kebab(f.name) for f in dataclasses.fields(PartitionConfig)}
     part_keys |= {"privacy-" + kebab(f.name) for f in dataclasses.fields(PrivacyConfig)}
+    part_keys |= {"fault-" + kebab(f.name) for f in dataclasses.fields(FaultConfig)}
     unknown = sorted(set(run_config) - fed_keys - part_keys - set(_RUN_JSON_KEYS))
     if unknown:
         raise ConfigError(f"run config: unknown key(s) {unknown}")
@@ -162,12 +169,14 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
         data=from_dict(DataConfig, parsed["data-config"], "data-config"),
         privacy=_scalar_section(PrivacyConfig, run_config, "privacy-"),
         adapter=from_dict(AdapterConfig, parsed["adapter-config"], "adapter-config"),
+        faults=_scalar_section(FaultConfig, run_config, "fault-"),
     )
     check_federation(settings.federation, settings.partition)
     check_train(settings.train, "train-config.")
     check_data(settings.data, "data-config.")
     check_privacy(settings.privacy, "privacy-")
     check_adapter(settings.adapter, "adapter-config.")
+    check_faults(settings.faults, "fault-")
     return settings
 
 

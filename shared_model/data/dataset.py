@@ -98,6 +98,7 @@ class PolypDataset(Dataset):
         self._captions: dict[int, str] = {}
         self._bad: set[int] = set()
         self._sizes: dict[int, tuple[int, int]] = {}  # index -> (width, height)
+        self._kept: list[int] = list(range(len(self.samples)))  # indices into the samples given
         if validate:
             self.validate()
         if not self.samples:
@@ -117,10 +118,11 @@ class PolypDataset(Dataset):
             The reasons of the items skipped by this pass (also appended to :attr:`skipped`).
         """
         kept: list[Sample] = []
+        self._kept = []
         masks: dict[int, np.ndarray] = {}
         sizes: dict[int, tuple[int, int]] = {}
         reasons: list[str] = []
-        for sample in self.samples:
+        for position, sample in enumerate(self.samples):
             try:
                 size = read_image_size(sample.image_path)
                 mask = load_mask(sample.mask_path, size)
@@ -130,12 +132,33 @@ class PolypDataset(Dataset):
             if self.cache:
                 masks[len(kept)] = resize_mask(mask, self.image_size, self.resize)
             sizes[len(kept)] = size
+            self._kept.append(position)
             kept.append(sample)
         self.samples = kept
         self._masks, self._images, self._captions, self._bad = masks, {}, {}, set()
         self._sizes = sizes
         self.skipped.extend(reasons)
         return reasons
+
+    def validation_state(self) -> dict:
+        """What :meth:`validate` found (after it ran with ``cache=True``), for a disk cache:
+        ``kept`` (indices into the samples given), ``sizes`` (N x 2 width, height), ``masks``
+        (N x S x S bool, resized), ``skipped`` (reasons)."""
+        n = len(self.samples)
+        return {"kept": list(self._kept), "sizes": np.array([self._sizes[i] for i in range(n)], dtype=np.int64)
+                .reshape(n, 2), "masks": np.stack([self._masks[i] for i in range(n)]) if n else
+                np.zeros((0, self.image_size, self.image_size), dtype=bool), "skipped": list(self.skipped)}
+
+    def restore_validation(self, state: dict) -> None:
+        """Take :meth:`validation_state` of the same samples instead of running :meth:`validate`."""
+        self.samples = [self.samples[i] for i in state["kept"]]
+        self._kept = list(state["kept"])
+        self._sizes = {i: (int(w), int(h)) for i, (w, h) in enumerate(state["sizes"])}
+        self._masks = {i: np.asarray(m, dtype=bool) for i, m in enumerate(state["masks"])}
+        self._images, self._captions, self._bad = {}, {}, set()
+        self.skipped.extend(state["skipped"])
+        if not self.samples:
+            raise DataError(f"no usable samples (skipped: {self.skipped})")
 
     def preload(self, num_threads: int = 2) -> None:
         """Decode every item into the cache now (threads; PIL releases the GIL while decoding).
@@ -248,6 +271,7 @@ def evaluation_dataset(
     on_error: str = "raise",
     cache: bool = True,
     resize: str = "letterbox",
+    validate: bool = True,
 ) -> PolypDataset:
     """The one rule for every dataset that is scored (evaluation, validation, test): not augmented,
     and prompted with the class name unless the ground-truth oracle is asked for by name.
@@ -265,6 +289,7 @@ def evaluation_dataset(
         on_error: ``"raise"`` or ``"skip"`` on unreadable pairs.
         cache: Keep decoded, resized arrays in memory.
         resize: ``"letterbox"`` or ``"squash"`` (see :class:`~shared_model.data.geometry.Frame`).
+        validate: Check every pair now (False: the caller restores a cached validation).
 
     Returns:
         A :class:`PolypDataset` whose ``eval_prompt`` attribute names the prompt used.
@@ -276,6 +301,6 @@ def evaluation_dataset(
         raise ValueError(f"eval_prompt must be one of {list(EVAL_PROMPTS)}, got {eval_prompt!r}")
     mode = "attributes" if eval_prompt == "oracle-caption" else "class"
     dataset = PolypDataset(samples, image_size, augment=False, prompt_mode=mode, class_name=class_name,
-                           on_error=on_error, cache=cache, resize=resize)
+                           on_error=on_error, cache=cache, resize=resize, validate=validate)
     dataset.eval_prompt = eval_prompt
     return dataset

@@ -16,18 +16,11 @@ from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
 from shared_model.config import PrivacyConfig
+from shared_model.training.errors import PrivacyBudgetExceeded, PrivacyError  # noqa: F401 - re-exported
 from shared_model.training.opacus_compat import IAccountant, create_accountant, get_noise_multiplier
 
 AccountantState = dict[str, Any]
 STATE_KEYS = ("mechanism", "noise_multiplier", "sample_rate", "steps")
-
-
-class PrivacyError(ValueError):
-    """The model, data or accountant state cannot be used for DP training (the message says why)."""
-
-
-class PrivacyBudgetExceeded(PrivacyError):
-    """Training would push the hospital's cumulative epsilon past its budget."""
 
 
 @contextmanager

@@ -165,7 +165,7 @@ def test_html_is_self_contained_and_complete(tmp_path, overlays):
     arithmetic = "4,800 B in all = 2 clients x 2 rounds x (400 B up + 2 x 400 B down: train and evaluate)."
     assert text.count(arithmetic) == 2  # under the summary cards and in the payload section
     assert "Federated Dice: the mean of the hospitals&#x27; Dice" in text and "same images" not in text
-    assert [r[4][0] for r in page.tables["dropped"]] == ["non-finite values in <arrays>"] * 2
+    assert [r[5][0] for r in page.tables["dropped"]] == ["non-finite values in <arrays>"] * 2
     assert "privacy" not in page.ids and "epsilon" not in page.tables
 
     grid = page.tables["grid"]

@@ -58,6 +58,7 @@ def save_run_adapter(run_dir: str | Path, model_file: str, model, settings: RunS
     base_path = run_dir / BASE_NAME
     if not base_path.is_file():
         atomic_torch_save({"format": FORMAT, "config": to_dict(model.cfg), "state": dict(model.base_state),
+                           "foundation": getattr(model, "foundation_digest", None),
                            "extra": {"base_of": "adapter-only federated run", "adapter": to_dict(settings.adapter)}},
                           base_path)
     base = {**model.base_record, "checkpoint": str(base_path)}

@@ -58,10 +58,11 @@ def fake_clock(monkeypatch):
 def _initial_state() -> dict:
     """The server's initial global state for the demo's model (the build is deterministic)."""
     from shared_model.config import model_config_from_dict
+    from shared_model.config.experiment import load_experiment
     from shared_model.exchange import get_exchanged_state
     from shared_model.modeling.prompt_sam import build_model
 
-    return dict(get_exchanged_state(build_model(model_config_from_dict({"preset": "tiny", "sam": {"lora_rank": 4}}))))
+    return dict(get_exchanged_state(build_model(model_config_from_dict(load_experiment(DEMO).model))))
 
 
 def _fault_overrides(seed: int) -> dict:

@@ -210,7 +210,7 @@ PROMPT_STYLES: dict[str, str | None] = {
     "class-name": "{class_name}",
     CAPTION_STYLE: None,
     "generic": "a medical image",
-    "wrong-organ": "a brain tumour in an MRI scan",
+    "wrong-organ": "a breast tumour in an ultrasound image",  # another task of the tiny foundation
     "empty": "",
 }
 
@@ -259,7 +259,7 @@ def evaluate_prompt_styles(
     image's own attribute caption, e.g. ``"one small pink round polyp, located in the left of the
     image"``, as :class:`~shared_model.data.folder.PolypDataset` produces it with
     ``prompt_mode="attributes"``), ``generic`` (``"a medical image"``), ``wrong-organ``
-    (``"a brain tumour in an MRI scan"``) and ``empty`` (``""``).
+    (``"a breast tumour in an ultrasound image"``, another organ and modality) and ``empty`` (``""``).
 
     Note: attribute captions are computed from the ground-truth mask (size, shape, colour and
     location of each polyp), as in the training recipe, so the ``attribute-caption`` style is an

@@ -23,7 +23,7 @@ from shared_model.training.evaluate import (
 )
 from shared_model.modeling.prompt_sam import build_model
 
-CONSTANT = {"class-name": "polyp", "generic": "a medical image", "wrong-organ": "a brain tumour in an MRI scan",
+CONSTANT = {"class-name": "polyp", "generic": "a medical image", "wrong-organ": "a breast tumour in an ultrasound image",
             "empty": ""}
 
 

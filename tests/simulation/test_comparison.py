@@ -197,6 +197,7 @@ def test_the_comparison_needs_one_hospital_per_centre(tmp_path):
 def test_the_shipped_real_data_config_parses():
     root = Path(__file__).resolve().parents[2]
     exp, cfg, raw = load_comparison(root / "simulation" / "configs" / "compare_polyp_tiny.yaml")
-    assert cfg.methods == ["centralized", "local", "fedavg", "fedprox"] and cfg.leave_one_out
+    assert cfg.methods == ["centralized", "local", "fedavg"] and not cfg.leave_one_out
+    assert raw["model"]["foundation"] == "tiny"  # adapted from the committed foundation
     assert Path(raw["data"]["root"]).is_absolute() and exp.data.centres == ["kvasir_seg", "cvc_clinicdb", "cvc_colondb"]
     json.dumps(raw)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared_model.checkpoint import FORMAT, atomic_torch_save
+from shared_model.checkpoint import atomic_torch_save, checkpoint_payload
 from shared_model.config import RunSettings, to_dict
 
 BASE_NAME = "base_model.pt"
@@ -57,9 +57,8 @@ def save_run_adapter(run_dir: str | Path, model_file: str, model, settings: RunS
     run_dir = Path(run_dir)
     base_path = run_dir / BASE_NAME
     if not base_path.is_file():
-        atomic_torch_save({"format": FORMAT, "config": to_dict(model.cfg), "state": dict(model.base_state),
-                           "foundation": getattr(model, "foundation_digest", None),
-                           "extra": {"base_of": "adapter-only federated run", "adapter": to_dict(settings.adapter)}},
+        atomic_torch_save(checkpoint_payload(model, model.base_state, {"base_of": "adapter-only federated run",
+                                                                       "adapter": to_dict(settings.adapter)}),
                           base_path)
     base = {**model.base_record, "checkpoint": str(base_path)}
     return save_adapter(run_dir / adapter_file_name(model_file), model, model.task_name, base,

@@ -62,16 +62,22 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def save_model_checkpoint(path: str | Path, model, extra: dict[str, Any] | None = None) -> Path:
-    """Save ``model``'s exchanged state with its config (and optional JSON-able ``extra``)."""
-    payload = {
+def checkpoint_payload(model, state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """What a checkpoint file holds: ``state`` (default: the exchanged state), the config that built
+    ``model``, the digest of its foundation and the JSON-able ``extra``."""
+    return {
         "format": FORMAT,
         "config": to_dict(model.cfg),
-        "state": dict(get_exchanged_state(model)),
+        "state": dict(get_exchanged_state(model) if state is None else state),
         "foundation": getattr(model, "foundation_digest", None),
         "extra": extra or {},
     }
-    return atomic_torch_save(payload, path)
+
+
+def save_model_checkpoint(path: str | Path, model, extra: dict[str, Any] | None = None) -> Path:
+    """Save ``model``'s exchanged state with its config (and optional JSON-able ``extra``)."""
+    return atomic_torch_save(checkpoint_payload(model, extra=extra), path)
 
 
 def _not_a_checkpoint(path: Path, payload: Any) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from shared_model.config import ConfigError, ModelConfig
+from shared_model.config.experiment import PROJECT_ROOT
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "foundation"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLIP_FOLDER = "clip"
 TEXT_TO_SPARSE = "text_to_sparse.pt"
 

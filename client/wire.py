@@ -84,15 +84,28 @@ def record_nbytes(record: ArrayRecord) -> int:
 
 
 @lru_cache(maxsize=16)
-def _npy_headers(dtype: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[bytes, ...]:
-    """The ``.npy`` header ``np.save`` writes for C-order arrays of this dtype and these shapes."""
-    headers = []
+def _wire_plan(dtype: str, shapes: tuple[tuple[int, ...], ...]
+               ) -> tuple[tuple[tuple[int, ...], bytes, int, int, int], ...]:
+    """Per tensor of a canonical record: ``(shape, header, payload bytes, start, stop)``.
+
+    ``header`` is the ``.npy`` header ``np.save`` writes for a C-order array of this dtype and
+    shape (empty for raw bfloat16 words), ``payload bytes`` the length of the Array's data
+    (header + values), and ``start:stop`` the values' bytes in the flat vector of ``dtype`` words.
+    """
+    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    plan, start = [], 0
     for shape in shapes:
-        out = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
-        headers.append(out.getvalue())
-    return tuple(headers)
+        header = b""
+        if dtype != "bfloat16":
+            out = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": shape})
+            header = out.getvalue()
+        stop = start + int(np.prod(shape, dtype=np.int64)) * itemsize
+        plan.append((shape, header, len(header) + stop - start, start, stop))
+        start = stop
+    return tuple(plan)
 
 
 def record_into(record: ArrayRecord, layout: FlatLayout, out: torch.Tensor) -> bool:
@@ -118,19 +131,19 @@ def record_into(record: ArrayRecord, layout: FlatLayout, out: torch.Tensor) -> b
     arrays = list(record.values())
     dtype, stype = arrays[0].dtype, arrays[0].stype
     if stype == BF16_STYPE and dtype == "bfloat16":
-        words, itemsize, headers = "<i2", 2, (b"",) * len(arrays)
+        words = "<i2"
     elif stype == NUMPY_STYPE and dtype in _NUMPY_DTYPES:
-        words, itemsize, headers = dtype, np.dtype(dtype).itemsize, _npy_headers(dtype, layout.shapes)
+        words = dtype
     else:
         return False
     stage = out.numpy() if dtype == "float32" else np.empty(layout.numel, dtype=words)
     raw = memoryview(stage).cast("B")  # byte copies: no array object per tensor
-    for array, shape, offset, count, header in zip(arrays, layout.shapes, layout.offsets, layout.counts, headers):
-        data, size = array.data, count * itemsize
-        if (array.dtype != dtype or array.stype != stype or tuple(array.shape) != shape
-                or len(data) != len(header) + size or not data.startswith(header)):
+    for array, (shape, header, size, start, stop) in zip(arrays, _wire_plan(dtype, layout.shapes)):
+        data = array.data
+        if (len(data) != size or array.dtype != dtype or array.stype != stype or tuple(array.shape) != shape
+                or not data.startswith(header)):
             return False
-        raw[offset * itemsize:offset * itemsize + size] = memoryview(data)[len(header):]
+        raw[start:stop] = memoryview(data)[len(header):]
     if dtype == "bfloat16":
         out.copy_(torch.from_numpy(stage).view(torch.bfloat16))
     elif dtype == "float16":

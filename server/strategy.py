@@ -40,8 +40,9 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from client.task import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 from client.wire import record_into, record_nbytes, record_to_state, state_to_record
 from server.aggregate import SortedStack, WeightedMean, adam_step
-from server.replies import (DROP_KINDS, ReplyError, describe_message, drop_kind, error_summary,  # noqa: F401
-                            order_key, single_metrics)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from server.replies import (DROP_KINDS, ReplyError, ReplyParts, describe_message, drop_kind,  # noqa: F401
+                            error_summary, order_key, single_metrics, weighted_metrics)
 from shared_model.config import FederationConfig
 from shared_model.exchange import ExchangeError, FlatLayout, check_flat, check_state, state_norm
 
@@ -184,12 +185,18 @@ class GuardedStrategy(Strategy):
             return SortedStack(self.inner.beta)
         return None  # central DP wrappers and other strategies: Flower aggregates the full states
 
-    def validate_train_reply(self, msg: Message, out: torch.Tensor) -> tuple[MetricRecord, int, float]:
+    def validate_train_reply(self, msg: Message, out: torch.Tensor, parts: ReplyParts | None = None
+                             ) -> tuple[MetricRecord, int, float]:
         """Decode and check one train reply, writing its delta into ``out`` (D float32, layout order).
 
         A reply in the canonical wire layout (``client.wire.record_into``) is checked in one pass
         over its values (``check_flat``); any other reply goes through the per-tensor decoding and
         ``check_state``, which name what is wrong. Same checks, same messages.
+
+        Args:
+            msg: The reply.
+            out: D float32, overwritten with the delta.
+            parts: The reply's records (:meth:`ReplyParts.of`), if already read.
 
         Returns:
             ``(metrics, payload bytes, update norm)``.
@@ -199,11 +206,11 @@ class GuardedStrategy(Strategy):
         """
         if msg.has_error():
             raise ReplyError(f"client error: {error_summary(msg.error.reason)}")
-        content = msg.content
-        if len(content.array_records) != 1:
-            raise ReplyError(f"expected one ArrayRecord, got {len(content.array_records)}")
-        metrics = single_metrics(content, self.train_metric_keys)
-        record = next(iter(content.array_records.values()))
+        parts = parts or ReplyParts.of(msg)
+        if len(parts.arrays) != 1:
+            raise ReplyError(f"expected one ArrayRecord, got {len(parts.arrays)}")
+        metrics = single_metrics(parts.metrics, self.train_metric_keys)
+        record = next(iter(parts.arrays.values()))
         if record_into(record, self.layout, out):
             norm = check_flat(out, self.layout, self.max_update_norm)
         else:
@@ -235,13 +242,14 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         aggregator = self._aggregator()
         buffer = torch.empty(self.layout.numel, dtype=torch.float32)
-        ordered = sorted(enumerate(replies), key=lambda item: order_key(item[1])) \
-            if isinstance(replies, Sequence) else enumerate(replies)
+        read = ((position, msg, ReplyParts.of(msg)) for position, msg in enumerate(replies))
+        ordered = sorted(read, key=lambda item: order_key(item[1], item[2])) \
+            if isinstance(replies, Sequence) else read
         rows: dict[int, dict[str, Any]] = {}
         audit: dict[int, dict[str, Any]] = {}
-        accepted: list[tuple[tuple[float, int], Message]] = []
-        for position, msg in ordered:
-            audit[position], rows[position] = self._fold_in(server_round, msg, buffer, aggregator, accepted)
+        accepted: list[tuple[tuple[float, int], Message, MetricRecord]] = []
+        for position, msg, parts in ordered:
+            audit[position], rows[position] = self._fold_in(server_round, msg, parts, buffer, aggregator, accepted)
             gc.collect(0)  # the young generation only: frees the reply's arrays (see _collector_paused)
         self.audit += [audit[i] for i in sorted(audit)]
         self.train_records = [rows[i] for i in sorted(rows)]
@@ -260,8 +268,12 @@ class GuardedStrategy(Strategy):
             return None, None
         accepted.sort(key=lambda item: item[0])
         if aggregator is None:
-            return self._flower_aggregate(server_round, [m for _, m in accepted])
-        metrics = self.inner.train_metrics_aggr_fn([m.content for _, m in accepted], self.inner.weighted_by_key)
+            return self._flower_aggregate(server_round, [m for _, m, _ in accepted])
+        if self.inner.train_metrics_aggr_fn is aggregate_metricrecords:
+            metrics = weighted_metrics([r for _, _, r in accepted], self.inner.weighted_by_key)
+        else:
+            metrics = self.inner.train_metrics_aggr_fn([m.content for _, m, _ in accepted],
+                                                       self.inner.weighted_by_key)
         delta = aggregator.result()
         if isinstance(self.inner, FedAdam):
             new_flat = adam_step(self.inner, self.layout, server_round, self.global_flat, delta)
@@ -269,9 +281,10 @@ class GuardedStrategy(Strategy):
             new_flat = self.global_flat + self.server_lr * delta
         return state_to_record(self.layout.unflatten(new_flat), "float32"), metrics
 
-    def _fold_in(self, server_round: int, msg: Message, buffer: torch.Tensor,
+    def _fold_in(self, server_round: int, msg: Message, parts: ReplyParts, buffer: torch.Tensor,
                  aggregator: WeightedMean | SortedStack | None,
-                 accepted: list[tuple[tuple[float, int], Message]]) -> tuple[dict[str, Any], dict[str, Any]]:
+                 accepted: list[tuple[tuple[float, int], Message, MetricRecord]]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Validate one reply into ``buffer`` and fold it into ``aggregator`` (or, without one, turn
         it into a full-state message for Flower), appending it to ``accepted``.
 
@@ -279,10 +292,10 @@ class GuardedStrategy(Strategy):
             The reply's audit entry and its train-record row.
         """
         node = int(msg.metadata.src_node_id)
-        audit = {"round": server_round, "phase": "train", "node-id": node, **describe_message(msg)}
+        audit = {"round": server_round, "phase": "train", "node-id": node, **describe_message(msg, parts)}
         row: dict[str, Any] = {"node-id": node, "accepted": False, "reason": "", "bytes-down": self.bytes_down}
         try:
-            metrics, nbytes, norm = self.validate_train_reply(msg, buffer)
+            metrics, nbytes, norm = self.validate_train_reply(msg, buffer, parts)
         except (ReplyError, ExchangeError) as err:
             log.warning("round %d: dropped reply from node %d: %s", server_round, node, err)
             row.update(reason=str(err), drop=drop_kind(msg))
@@ -294,15 +307,16 @@ class GuardedStrategy(Strategy):
                    **{"bytes-up": nbytes, "update-norm": norm})
         if aggregator is not None:
             aggregator.add(buffer, float(metrics[self.inner.weighted_by_key]))
-            for name in list(msg.content.array_records):  # folded in: drop the arrays
+            for name in parts.arrays:  # folded in: drop the arrays
                 del msg.content[name]
+            parts.arrays.clear()
         else:
             full = self.layout.unflatten(self.global_flat + buffer)
             msg.content = RecordDict({
                 self.inner.arrayrecord_key: ArrayRecord({k: Array(v.numpy()) for k, v in full.items()}),
                 "metrics": metrics,
             })
-        accepted.append(((float(metrics["partition-id"]), node), msg))
+        accepted.append(((float(metrics["partition-id"]), node), msg, metrics))
         return audit, row
 
     def record_unreplied(self, server_round: int, unreplied: Iterable[tuple[int, str, str]],
@@ -349,14 +363,15 @@ class GuardedStrategy(Strategy):
         accepted: list[tuple[tuple[float, int], Message]] = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
+            parts = ReplyParts.of(msg)
             self.audit.append({"round": server_round, "phase": "evaluate", "node-id": node,
-                               **describe_message(msg)})
+                               **describe_message(msg, parts)})
             try:
                 if msg.has_error():
                     raise ReplyError(f"client error: {error_summary(msg.error.reason)}")
-                if msg.content.array_records:
+                if parts.arrays:
                     raise ReplyError("evaluation replies must not carry arrays")
-                metrics = single_metrics(msg.content, EVAL_METRIC_KEYS)
+                metrics = single_metrics(parts.metrics, EVAL_METRIC_KEYS)
             except ReplyError as err:
                 log.warning("round %d: dropped evaluation reply from node %d: %s", server_round, node, err)
                 self.eval_records.append({"node-id": node, "accepted": False, "reason": str(err),

@@ -109,9 +109,10 @@ def cmd_bench_round(args: argparse.Namespace) -> int:
 
     load_start = load_average()
     result = bench_round(args.hospitals, tuple(args.updates), args.rounds, args.agg_preset, args.local_steps,
-                         args.repeats, args.run_dir, tuple(args.strategies), args.memory_updates, args.memory_cap_gb)
+                         args.repeats, args.run_dir, tuple(args.strategies), args.memory_updates, args.memory_cap_gb,
+                         args.warmup)
     if args.out:
-        write_bench_record(args.out, bench_record(args.argv, 0, [result], load_start))
+        write_bench_record(args.out, bench_record(args.argv, args.warmup, [result], load_start))
     if args.json:
         print(json.dumps(result, indent=2), flush=True)
         return 0
@@ -224,6 +225,8 @@ def register(subparsers: argparse._SubParsersAction, common: Callable[[argparse.
     b.add_argument("--local-steps", type=positive_int, default=2, help="local training steps per client per round")
     b.add_argument("--repeats", type=positive_int, default=3,
                    help="aggregation timing: repeats (median, min and max are reported)")
+    b.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="aggregation timing: untimed rounds (limit and every strategy) before the repeats")
     b.add_argument("--out", help="also write FILE.json: the command, machine, load average and results")
     b.add_argument("--run-dir", default=None, help="keep the in-process run here (default: a temporary folder)")
     b.add_argument("--json", action="store_true", help="print the full JSON (default: a summary)")

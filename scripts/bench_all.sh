@@ -4,7 +4,7 @@
 #
 # Run it on an idle machine: every benchmark records the load average at its start and end and
 # warns on stderr when the load leaves fewer free cores than its threads. On a 2-core machine
-# it takes about 16 minutes. Usage:
+# it takes about 20 minutes. Usage:
 #   scripts/bench_all.sh                        # uses `promptsam` on PATH
 #   PROMPTSAM=.venv/bin/promptsam scripts/bench_all.sh
 set -euo pipefail
@@ -38,6 +38,9 @@ run bench dp --preset tiny --batch 16 --device cpu --warmup 1 --steps 5 --thread
 # Needs about 16 GiB of free RAM (the process peaks near 16 GiB).
 run bench memory --preset base --image-size 1024 --batch 1 --dtype float32 --out docs/bench/memory_base_fp32.json
 run bench memory --preset base --image-size 1024 --batch 1 --dtype bfloat16 --out docs/bench/memory_base_bf16.json
+# Server aggregation: validate + aggregate 10 / 100 / 1,000 base-preset updates per strategy against one
+# pass over the same bytes (interleaved, paired per repeat), peak memory, and an in-process round's overhead.
+run bench round --repeats 7 --warmup 1 --out docs/bench/round_base.json
 # 100 simulated hospitals (Flower + Ray, tiny preset): round time against 10 / 20 / 50 sampled per round,
 # peak memory of the run and per client actor, and the README's figure (about 6 minutes on 2 cores).
 run bench scale --sampled 10 20 50 --rounds 4 --out docs/bench/scale_tiny.json --figure docs/bench/scale_tiny.png

@@ -44,10 +44,12 @@ DEFINITIONS = {
     "down_bytes": "the global state as one wire ArrayRecord; sent in the train and in the evaluate message",
     "down_bytes_per_round": "2 x down_bytes (train + federated evaluate message)",
     "aggregation_seconds": "GuardedStrategy.aggregate_train over K replies (decode, validation of keys, shapes, "
-                           "finite values and norm, FedAvg, float32 re-encode); median, min, max of --repeats",
+                           "finite values and norm, FedAvg, float32 re-encode); median, min, max of --repeats "
+                           "after --warmup untimed rounds",
     "aggregation_scaling": "per K: 'limit' = one sum(dim=0) over the K float32 deltas stacked (K x D), and per "
-                           "strategy the seconds of aggregate_train (float32 wire), with ratio_to_limit = median / "
-                           "limit median; streaming = each reply folded into a running weighted sum (FedAvg, "
+                           "strategy the seconds of aggregate_train (float32 wire), timed interleaved with the "
+                           "limit (order rotated per repeat), with ratio_to_limit = the spread of the per-repeat "
+                           "ratios strategy / limit; streaming = each reply folded into a running weighted sum (FedAvg, "
                            "FedProx, FedAdam) rather than all deltas kept (FedMedian, FedTrimmedAvg)",
     "aggregation_memory": "peak RSS above baseline while aggregating K fresh updates, each run in a fresh process: "
                           "generator = replies produced one at a time (streaming), list = all replies held as a "
@@ -205,7 +207,7 @@ def bench_inprocess_rounds(hospitals: int, rounds: int, local_steps: int, run_di
 def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100, 1000), rounds: int = 2,
                 agg_preset: str = "base", local_steps: int = 2, repeats: int = 3,
                 run_dir: str | Path | None = None, strategies: tuple[str, ...] = STRATEGIES,
-                memory_updates: int = 1000, memory_cap_gb: float = 4.0) -> dict[str, Any]:
+                memory_updates: int = 1000, memory_cap_gb: float = 4.0, warmup: int = 1) -> dict[str, Any]:
     """All three measurements (see the module docstring) as one JSON-serialisable dict.
 
     ``memory_updates`` = 0 skips the memory runs.
@@ -219,11 +221,11 @@ def bench_round(hospitals: int = 3, updates: tuple[int, ...] = (10, 100, 1000), 
     tiny_shapes = OrderedDict((k, tuple(v)) for k, v in state_shapes(build_model(get_preset("tiny"))).items())
     aggregation = {}
     for dtype in WIRE_DTYPES:
-        timed = time_strategies(agg_shapes, updates, ("fedavg",), dtype, repeats)
+        timed = time_strategies(agg_shapes, updates, ("fedavg",), dtype, repeats, warmup=warmup)
         aggregation[dtype] = {k: {"seconds": row["strategies"]["fedavg"]["median"],
                                   "ms_per_update": 1000 * row["strategies"]["fedavg"]["median"] / int(k),
                                   **row["strategies"]["fedavg"]} for k, row in timed.items()}
-    scaling = time_strategies(agg_shapes, updates, tuple(strategies), "float32", repeats)
+    scaling = time_strategies(agg_shapes, updates, tuple(strategies), "float32", repeats, warmup=warmup)
     memory = memory_footprint(agg_shapes, memory_updates, memory_cap_gb) if memory_updates > 0 else []
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         rounds_out = bench_inprocess_rounds(hospitals, rounds, local_steps, Path(run_dir or tmp))
@@ -253,10 +255,11 @@ def format_aggregation(result: dict[str, Any]) -> str:
     scaling = result["aggregation_scaling"]["by_updates"]
     names = list(next(iter(scaling.values()))["strategies"]) if scaling else []
     lines = [f"validate + aggregate, {result['aggregation_scaling']['preset']} state, float32, seconds: "
-             "median (min-max) and ratio to the limit (one sum over the stacked deltas)",
+             "median (min-max) and ratio to the limit (one sum over the stacked deltas), median of the "
+             "per-repeat ratios",
              f"{'updates':>8} {'limit':>8} " + " ".join(f"{n:>26}" for n in names)]
     for k, row in scaling.items():
-        cells = [f"{t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) {t['ratio_to_limit']:4.1f}x"
+        cells = [f"{t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) {t['ratio_to_limit']['median']:4.1f}x"
                  for t in row["strategies"].values()]
         lines.append(f"{k:>8} {row['limit']['median']:8.4f} " + " ".join(f"{c:>26}" for c in cells))
     for m in result["aggregation_memory"]:

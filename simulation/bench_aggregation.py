@@ -2,7 +2,9 @@
 
 * **Time**: :meth:`server.strategy.GuardedStrategy.aggregate_train` (decode, validate, aggregate,
   re-encode) over K train replies built like ``client.app.train`` builds them, per strategy, as
-  the median, min and max of ``repeats`` runs (a garbage collection before each, none skipped).
+  the median, min and max of ``repeats`` runs, interleaved with the limit's (order rotated per
+  repeat, after a warm-up round; a garbage collection before each, none skipped), and the ratio to
+  the limit taken within each repeat.
   The replies reuse a pool of distinct random deltas (``pool`` of them, cycled), so K = 1,000
   needs the pool's memory, not K deltas'; the pool is larger than the CPU caches, so every reply
   is read from memory as a fresh one would be.
@@ -33,7 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from client.task import TRAIN_METRIC_KEYS
 from client.wire import state_to_record
 from server.strategy import GuardedStrategy, build_inner_strategy
-from shared_model.benchmarks.timing import spread
+from shared_model.benchmarks.timing import paired_ratio, spread
 from shared_model.config import FederationConfig
 from simulation.inprocess import InProcessGrid
 
@@ -80,12 +82,19 @@ def cycle(pool: list[ArrayRecord], k: int) -> Iterator[ArrayRecord]:
 
 
 def time_strategies(shapes: Shapes, updates: tuple[int, ...], strategies: tuple[str, ...] = STRATEGIES,
-                    wire_dtype: str = "float32", repeats: int = 3, pool: int = 100, seed: int = 0
-                    ) -> dict[str, Any]:
+                    wire_dtype: str = "float32", repeats: int = 3, pool: int = 100, seed: int = 0,
+                    warmup: int = 1) -> dict[str, Any]:
     """Seconds of validate + aggregate per strategy and K, next to the one-pass limit.
 
+    For each K, every repeat times the limit and each strategy once, in an order rotated by one
+    per repeat (limit, A, B; A, B, limit; ...) after ``warmup`` untimed rounds done the same way,
+    so a change of load or cache state hits every row; the replies are built before each timing
+    and a garbage collection runs, both untimed.
+
     Returns:
-        ``{str(K): {"limit": spread, "strategies": {name: spread | {"ratio_to_limit": ...}}}}``.
+        ``{str(K): {"limit": spread, "strategies": {name: spread | {"ratio_to_limit": paired
+        spread, "streaming": bool}}}}``: ``ratio_to_limit`` is the spread of the per-repeat ratio
+        strategy / limit (:func:`paired_ratio`).
     """
     gen = torch.Generator().manual_seed(seed)
     global_state = random_state(shapes, 0.02, gen)
@@ -96,27 +105,36 @@ def time_strategies(shapes: Shapes, updates: tuple[int, ...], strategies: tuple[
     out: dict[str, Any] = {}
     for k in updates:
         stacked = flat.repeat((k + len(flat) - 1) // len(flat), 1)[:k]  # the K deltas as one K x D matrix
-        limit = []
-        for _ in range(repeats):
+
+        def limit() -> float:
+            gc.collect()
             start = time.perf_counter()
             stacked.sum(dim=0)
-            limit.append(time.perf_counter() - start)
+            return time.perf_counter() - start
+
+        def aggregate(name: str) -> float:
+            guard, messages = configured(name, shapes, global_state, k, wire_dtype)
+            batch = list(replies(messages, cycle(records, k)))
+            gc.collect()
+            start = time.perf_counter()
+            arrays, _ = guard.aggregate_train(1, batch)
+            seconds = time.perf_counter() - start
+            if arrays is None or not all(r["accepted"] for r in guard.train_records):
+                raise RuntimeError(f"bench: replies were dropped: {guard.train_records[:1]}")
+            return seconds
+
+        names = ["limit", *strategies]
+        seconds: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(warmup + repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                value = limit() if name == "limit" else aggregate(name)
+                if r >= warmup:
+                    seconds[name].append(value)
         del stacked
-        row: dict[str, Any] = {"limit": spread(limit), "strategies": {}}
+        row: dict[str, Any] = {"limit": spread(seconds["limit"]), "strategies": {}}
         for name in strategies:
-            seconds = []
-            for _ in range(repeats):
-                guard, messages = configured(name, shapes, global_state, k, wire_dtype)
-                batch = list(replies(messages, cycle(records, k)))
-                gc.collect()
-                start = time.perf_counter()
-                arrays, _ = guard.aggregate_train(1, batch)
-                seconds.append(time.perf_counter() - start)
-                if arrays is None or not all(r["accepted"] for r in guard.train_records):
-                    raise RuntimeError(f"bench: replies were dropped: {guard.train_records[:1]}")
-                del guard, messages, batch, arrays
-            timing = spread(seconds)
-            timing["ratio_to_limit"] = timing["median"] / row["limit"]["median"]
+            timing = spread(seconds[name])
+            timing["ratio_to_limit"] = paired_ratio(seconds[name], seconds["limit"])
             timing["streaming"] = STREAMING[name]
             row["strategies"][name] = timing
         out[str(k)] = row

@@ -81,6 +81,32 @@ def cycle(pool: list[ArrayRecord], k: int) -> Iterator[ArrayRecord]:
     return (pool[i % len(pool)] for i in range(k))
 
 
+def time_limit(stacked: torch.Tensor) -> float:
+    """Seconds of one ``sum(dim=0)`` over the K x D stacked deltas (after an untimed collection)."""
+    gc.collect()
+    start = time.perf_counter()
+    stacked.sum(dim=0)
+    return time.perf_counter() - start
+
+
+def time_aggregation(strategy: str, shapes: Shapes, global_state: Mapping[str, torch.Tensor],
+                     records: Iterator[ArrayRecord], k: int, wire_dtype: str) -> float:
+    """Seconds of ``aggregate_train`` over K fresh replies (built and collected untimed).
+
+    Raises:
+        RuntimeError: If a reply was dropped (the benchmark's replies are all valid).
+    """
+    guard, messages = configured(strategy, shapes, global_state, k, wire_dtype)
+    batch = list(replies(messages, records))
+    gc.collect()
+    start = time.perf_counter()
+    arrays, _ = guard.aggregate_train(1, batch)
+    seconds = time.perf_counter() - start
+    if arrays is None or not all(r["accepted"] for r in guard.train_records):
+        raise RuntimeError(f"bench: replies were dropped: {guard.train_records[:1]}")
+    return seconds
+
+
 def time_strategies(shapes: Shapes, updates: tuple[int, ...], strategies: tuple[str, ...] = STRATEGIES,
                     wire_dtype: str = "float32", repeats: int = 3, pool: int = 100, seed: int = 0,
                     warmup: int = 1) -> dict[str, Any]:
@@ -105,29 +131,12 @@ def time_strategies(shapes: Shapes, updates: tuple[int, ...], strategies: tuple[
     out: dict[str, Any] = {}
     for k in updates:
         stacked = flat.repeat((k + len(flat) - 1) // len(flat), 1)[:k]  # the K deltas as one K x D matrix
-
-        def limit() -> float:
-            gc.collect()
-            start = time.perf_counter()
-            stacked.sum(dim=0)
-            return time.perf_counter() - start
-
-        def aggregate(name: str) -> float:
-            guard, messages = configured(name, shapes, global_state, k, wire_dtype)
-            batch = list(replies(messages, cycle(records, k)))
-            gc.collect()
-            start = time.perf_counter()
-            arrays, _ = guard.aggregate_train(1, batch)
-            seconds = time.perf_counter() - start
-            if arrays is None or not all(r["accepted"] for r in guard.train_records):
-                raise RuntimeError(f"bench: replies were dropped: {guard.train_records[:1]}")
-            return seconds
-
         names = ["limit", *strategies]
         seconds: dict[str, list[float]] = {n: [] for n in names}
         for r in range(warmup + repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                value = limit() if name == "limit" else aggregate(name)
+                value = (time_limit(stacked) if name == "limit" else
+                         time_aggregation(name, shapes, global_state, cycle(records, k), k, wire_dtype))
                 if r >= warmup:
                     seconds[name].append(value)
         del stacked

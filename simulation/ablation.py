@@ -33,7 +33,8 @@ from shared_model.config import model_config_from_dict
 from shared_model.config.experiment import Experiment, apply_overrides, parse_experiment
 
 # Row name -> (label, model overrides). Each row adds one part to the one before it, except the
-# last, which replaces the saliency boxes by each mask's enclosing box (a clinician's box).
+# last two, which replace the saliency boxes by the box of SAM's own first-pass mask (a two-pass
+# cascade) and by each ground-truth mask's enclosing box (a clinician's box).
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "samed": ("SAMed-style (LoRA, no prompt)",
               {"prompts": {"text_tokens": 0, "dense_saliency": False, "use_boxes": False},
@@ -43,6 +44,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "saliency-dense": ("+ saliency -> dense prompt", {"prompts": {"use_boxes": False}, "crf": {"enabled": False}}),
     "saliency-boxes": ("+ boxes from saliency", {"crf": {"enabled": False}}),
     "full": ("full (+ CRF)", {}),
+    "mask-boxes": ("full, boxes from SAM's own first mask (two passes)", {"prompts": {"box_source": "mask"}}),
     "user-boxes": ("full, ground-truth boxes", {"prompts": {"box_source": "ground-truth"}}),
 }
 BOX_KEYS = ("box_iou", "box_hit", "box_coverage")

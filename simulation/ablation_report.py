@@ -107,7 +107,7 @@ def markdown(results: dict[str, Any], rows: list[str], centres: list[str], cfg: 
         lines += ["| constant mask (mean training mask) | " + " | ".join(base) + " | - | 0 |", ""]
     box_rows = [r for r in rows if any(s["row"] == r and s["metric"] == "box_hit" for s in summary)]
     if box_rows:
-        lines += ["## Do the saliency boxes find the polyp?", "",
+        lines += ["## Do the model's own boxes (saliency or first mask) find the polyp?", "",
                   "Hit rate: box IoU >= 0.5 with the ground-truth box; coverage: fraction of polyp pixels "
                   "inside the boxes (at the model's input size).", "",
                   "| row | " + " | ".join(f"{t} hit / coverage" for t in tests) + " |",

@@ -159,9 +159,11 @@ class PromptConfig:
     dense_hidden: int = 16
     use_patch_features: bool = False
     use_boxes: bool = True
-    # Where box prompts come from: "saliency" (boxes of the refined saliency map) or "ground-truth"
-    # (an oracle for experiments: training and evaluation pass each mask's enclosing box, the upper
-    # bound of a clinician's box; at prediction time the user's --boxes).
+    # Where box prompts come from: "saliency" (boxes of the refined saliency map), "mask" (a two-pass
+    # cascade: SAM first segments without a box, then again with the box enclosing its own first
+    # mask; the image is encoded once, the decoder runs twice, and the first mask is trained too) or
+    # "ground-truth" (an oracle for experiments: training and evaluation pass each mask's enclosing
+    # box, the upper bound of a clinician's box; at prediction time the user's --boxes).
     box_source: str = "saliency"
 
 
@@ -177,6 +179,7 @@ class LossConfig:
     ib: float = 0.1
     saliency: float = 0.5
     iou: float = 1.0  # MSE between SAM's IoU prediction and the IoU of its own mask
+    coarse: float = 1.0  # Dice (+ bce-weighted BCE) of the first-pass mask (prompts.box_source: mask)
     nce_tau: float = 0.6
     nce_beta1: float = 0.15
     nce_beta2: float = 0.15

@@ -155,6 +155,7 @@ class InContextSAM(nn.Module):
         return self.base.image_size
 
     uses_saliency_boxes = False  # the boxes come from the prototype map, not the M2IB saliency
+    uses_mask_boxes = False
 
     def oracle_prompts(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """No oracle: in-context prompts come from the support set only."""

@@ -189,8 +189,8 @@ def mask_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:
     y1 = torch.where(rows, idx, -1).amax(1) + 1
     x1 = torch.where(cols, idx, -1).amax(1) + 1
     boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    empty = ~rows.any(1)
-    boxes[empty] = torch.tensor([0.0, 0.0, s, s], device=masks.device)
+    whole = torch.tensor([0.0, 0.0, s, s], device=masks.device)
+    boxes = torch.where(rows.any(1)[:, None], boxes, whole)  # not in place: usable under torch.func.vmap
     return boxes[:, None], torch.ones(b, 1, dtype=torch.bool, device=masks.device)
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from shared_model.config import LossConfig
 
 PROB_EPS = 1e-6
-LOSS_NAMES = ("dice", "bce", "nce", "ib", "saliency", "iou")
+LOSS_NAMES = ("dice", "bce", "nce", "ib", "saliency", "iou", "coarse")
 
 
 def _one_direction(s: Tensor, tau: float, beta: float) -> Tensor:

@@ -9,8 +9,11 @@ Data flow for a batch of B images (S x S, in [0, 1]) and B texts::
     refined --boxes (no grad)--> B x K x 4        (or user boxes / points)
     SAM: encode(images) ; sparse = [box/point tokens ; TextToSparse(t)] ;
          dense = no_mask + SaliencyToDense(refined) ; batched mask decoder -> mask logits
+    (box_source "mask": the decoder runs first without a box; the box enclosing that coarse mask
+     prompts a second decoder pass on the same image embedding)
 
-Losses: Dice + BCE on the mask, DHN-NCE on (v, t), IB = beta * KL - cos(v_z, t), saliency BCE.
+Losses: Dice + BCE on the mask (and on the coarse mask), DHN-NCE on (v, t), IB = beta * KL - cos(v_z, t),
+saliency BCE.
 
 Each prompt path is a switch of :class:`~shared_model.config.PromptConfig` (the ablation's rows):
 ``text_tokens = 0`` drops the text tokens, ``dense_saliency`` the dense saliency prompt,
@@ -55,6 +58,8 @@ class PromptSAMOutput:
         text_embedding: B x E CLIP text embedding (None without any text path).
         kl: B x T x D bottleneck KL per element (None without the saliency branch).
         ib_cos: B cosine between bottlenecked image embedding and text embedding (or None).
+        coarse_logits: B x 1 x S x S first-pass mask logits of the two-pass cascade
+            (``prompts.box_source = "mask"``), whose enclosing box prompted the final mask; else None.
 
     Without the saliency branch ``saliency`` and ``refined_saliency`` are zeros.
     """
@@ -69,9 +74,10 @@ class PromptSAMOutput:
     text_embedding: torch.Tensor | None
     kl: torch.Tensor | None
     ib_cos: torch.Tensor | None
+    coarse_logits: torch.Tensor | None = None
 
 
-BOX_SOURCES = ("saliency", "ground-truth")
+BOX_SOURCES = ("saliency", "mask", "ground-truth")
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,11 @@ class PromptSAM(nn.Module):
         return self.cfg.prompts.text_tokens > 0 or self.uses_saliency
 
     @property
+    def uses_mask_boxes(self) -> bool:
+        """Whether SAM is prompted by the box of its own first-pass mask (when no user prompt is given)."""
+        return self.cfg.prompts.use_boxes and self.cfg.prompts.box_source == "mask"
+
+    @property
     def uses_saliency_boxes(self) -> bool:
         """Whether SAM's box prompts are taken from the saliency map (when no user box is given)."""
         return self.cfg.prompts.use_boxes and self.cfg.prompts.box_source == "saliency"
@@ -170,12 +181,17 @@ class PromptSAM(nn.Module):
     def derive_boxes(self, images: torch.Tensor, texts: Sequence[str] | TextTokens
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The box prompts :meth:`forward` derives from the saliency (text, CLIP to the bottleneck,
-        CRF), without gradient. Passed back as ``prompt_boxes``, they let the rest of the forward
-        run under ``torch.func.vmap``, which cannot run the data-dependent box search.
+        CRF) or from the first-pass mask (``box_source: mask``), without gradient. Passed back as
+        ``prompt_boxes``, they let the rest of the forward run under ``torch.func.vmap``, which
+        cannot run the data-dependent box search, and fix the boxes so that per-example gradients
+        do not hinge on a mask pixel that rounding flips.
 
         Returns:
             (B x K x 4 boxes, B x K bool validity).
         """
+        if self.uses_mask_boxes:
+            out = self(images, texts)
+            return out.boxes, out.box_valid
         h, w = images.shape[-2:]
         text_emb = self.encode_text(texts)
         tokens = self.clip_vision.forward_to(self.clip_vision.preprocess(images), self.cfg.bottleneck.layer)
@@ -203,7 +219,8 @@ class PromptSAM(nn.Module):
             points: Optional user clicks (coords B x P x 2 in input pixels, labels B x P with
                 1 = foreground, 0 = background). With points and no boxes, no box prompt is used.
             prompt_boxes: The model's own box prompts for these images, not validated: the
-                saliency boxes from :meth:`derive_boxes` (instead of deriving them again) or the
+                saliency or first-mask boxes from :meth:`derive_boxes` (instead of deriving them
+                again; with ``box_source: mask`` the first pass still runs, for its loss) or the
                 ground-truth oracle's (:meth:`oracle_prompts`).
 
         Returns:
@@ -231,7 +248,8 @@ class PromptSAM(nn.Module):
         else:
             saliency = refined = images.new_zeros(b, 1, h, w)
 
-        # Prompts: boxes (user or saliency), points, text tokens, dense saliency.
+        # Prompts: boxes (user, saliency or the first-pass mask's), points, text tokens, dense saliency.
+        cascade = boxes is None and points is None and self.uses_mask_boxes
         if boxes is not None:
             validate_boxes(boxes, self.image_size)
             boxes = boxes.to(images.device, torch.float32)
@@ -240,14 +258,13 @@ class PromptSAM(nn.Module):
                 if box_valid is None
                 else box_valid.to(images.device)
             )
-        elif points is None and (prompt_boxes is not None or self.uses_saliency_boxes):
+        elif not cascade and points is None and (prompt_boxes is not None or self.uses_saliency_boxes):
             if prompt_boxes is None:
                 prompt_boxes = saliency_to_boxes(refined.detach(), cfg.boxes, self.image_size)
             boxes, box_valid = prompt_boxes[0].to(images.device), prompt_boxes[1].to(images.device)
         else:
             boxes = images.new_zeros(b, 0, 4)
             box_valid = torch.zeros(b, 0, dtype=torch.bool, device=images.device)
-        rows = max(boxes.shape[1], 1)
 
         image_embedding = self.sam.encode(images)
         grid = tuple(image_embedding.shape[-2:])
@@ -256,16 +273,14 @@ class PromptSAM(nn.Module):
             patch_tokens = out_tokens[:b, 1:] if cfg.prompts.use_patch_features else None
             dense = dense + self.prompts.dense(refined, grid, patch_tokens)
         text_tokens = self.prompts.text_tokens(text_emb) if text_emb is not None else None
-        sparse = self._sparse_prompts(boxes, points, text_tokens, rows)
-        dense = dense.repeat_interleave(rows, dim=0)
-        low_res, iou = self.sam.decode(
-            image_embedding, sparse, dense, multimask=cfg.sam.multimask, rows_per_image=rows
-        )
-        if cfg.sam.multimask:  # keep the mask SAM rates best, per prompt row
-            best = iou.argmax(dim=1)
-            low_res = low_res[torch.arange(len(best)), best][:, None]
-            iou = iou.gather(1, best[:, None])
-        low_res, iou = self._merge_rows(low_res, iou, box_valid, b, rows)
+        coarse_logits = None
+        if cascade:  # first pass without a box; its mask's enclosing box prompts the second
+            low_res, _ = self._decode(image_embedding, boxes, box_valid, points, text_tokens, dense)
+            coarse_logits = self.sam.upscale(low_res, (h, w))
+            if prompt_boxes is None:
+                prompt_boxes = mask_boxes((coarse_logits.detach() > 0).float())
+            boxes, box_valid = prompt_boxes[0].to(images.device), prompt_boxes[1].to(images.device)
+        low_res, iou = self._decode(image_embedding, boxes, box_valid, points, text_tokens, dense)
         mask_logits = self.sam.upscale(low_res, (h, w))
         return PromptSAMOutput(
             mask_logits=mask_logits,
@@ -278,7 +293,40 @@ class PromptSAM(nn.Module):
             text_embedding=text_emb,
             kl=kl,
             ib_cos=ib_cos,
+            coarse_logits=coarse_logits,
         )
+
+    def _decode(
+        self,
+        image_embedding: torch.Tensor,
+        boxes: torch.Tensor,
+        box_valid: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        text_tokens: torch.Tensor | None,
+        dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's mask decoder for B images, one prompt row per box (one row without a box), merged per image.
+
+        Args:
+            image_embedding: B x C x h x w from SAM's encoder.
+            boxes: B x K x 4 (K = 0: no box); box_valid: B x K.
+            text_tokens: B x T x C sparse text tokens, or None.
+            dense: B x C x h x w dense prompt.
+
+        Returns:
+            (B x 1 x h' x w' low-resolution mask logits, B x 1 predicted IoU).
+        """
+        b, rows = image_embedding.shape[0], max(boxes.shape[1], 1)
+        sparse = self._sparse_prompts(boxes, points, text_tokens, rows)
+        low_res, iou = self.sam.decode(
+            image_embedding, sparse, dense.repeat_interleave(rows, dim=0), multimask=self.cfg.sam.multimask,
+            rows_per_image=rows,
+        )
+        if self.cfg.sam.multimask:  # keep the mask SAM rates best, per prompt row
+            best = iou.argmax(dim=1)
+            low_res = low_res[torch.arange(len(best)), best][:, None]
+            iou = iou.gather(1, best[:, None])
+        return self._merge_rows(low_res, iou, box_valid, b, rows)
 
     def _sparse_prompts(
         self,
@@ -351,6 +399,9 @@ class PromptSAM(nn.Module):
             "bce": L.bce_loss(logits, masks),
             "iou": L.iou_head_loss(out.iou_pred, logits, masks),
         }
+        if out.coarse_logits is not None:
+            coarse = out.coarse_logits.float()
+            parts["coarse"] = L.dice_loss(coarse, masks) + cfg.bce * L.bce_loss(coarse, masks)
         if out.kl is not None:
             parts["ib"] = ib_loss(out.kl.float(), out.ib_cos, self.cfg.bottleneck.beta)
             parts["saliency"] = L.saliency_loss(out.refined_saliency.float(), masks)

@@ -58,8 +58,9 @@ def evaluate_model(
 ) -> EvalResult:
     """Segment every item of ``dataset`` and score it against its mask.
 
-    Models whose box prompts come from the saliency also get, per image, ``box_iou``,
-    ``box_hit`` and ``box_coverage`` (:func:`~shared_model.modeling.boxes.box_agreement`).
+    Models whose box prompts are their own (from the saliency, or from the first-pass mask) also
+    get, per image, ``box_iou``, ``box_hit`` and ``box_coverage``
+    (:func:`~shared_model.modeling.boxes.box_agreement`).
 
     ``resolution="original"`` maps each predicted probability map back to its image's own size
     (padding cropped, bilinear resize; :meth:`Frame.to_image`) and scores it against the mask
@@ -105,7 +106,7 @@ def evaluate_model(
             rows = [_score_original(dataset, start + j, prob[j], threshold) for j in range(len(texts))]
         else:
             rows = segmentation_metrics(prob > threshold, batch["mask"] > 0.5)
-        if model.uses_saliency_boxes:  # does the saliency find the target? (input pixels)
+        if model.uses_saliency_boxes or model.uses_mask_boxes:  # do the model's own boxes find the target?
             rows = [{**row, **agree} for row, agree in
                     zip(rows, box_agreement(out.boxes.cpu(), out.box_valid.cpu(), batch["mask"]))]
         start += len(texts)

@@ -180,7 +180,7 @@ def vmap_gradients(
     oracle = model.oracle_prompts(masks)
     if oracle:  # ground-truth boxes (an experiment's oracle)
         boxes, valid = oracle["boxes"], oracle["box_valid"]
-    elif model.uses_saliency_boxes:
+    elif model.uses_saliency_boxes or model.uses_mask_boxes:
         boxes, valid = model.derive_boxes(images, tokens)
     else:  # no box prompts: forward ignores empty prompt_boxes
         boxes, valid = images.new_zeros(b, 0, 4), torch.zeros(b, 0, dtype=torch.bool, device=device)

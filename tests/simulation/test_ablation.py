@@ -36,6 +36,7 @@ def test_rows_switch_one_part_at_a_time(tmp_path, synthetic_root):
     assert models["saliency-boxes"]["prompts"]["use_boxes"] and not models["saliency-boxes"]["crf"]["enabled"]
     assert models["full"]["crf"]["enabled"] and models["full"]["prompts"]["box_source"] == "saliency"
     assert models["user-boxes"]["prompts"]["box_source"] == "ground-truth"
+    assert models["mask-boxes"]["prompts"]["box_source"] == "mask" and models["mask-boxes"]["crf"]["enabled"]
 
 
 def test_ablation_trains_every_row_writes_tables_and_resumes(tmp_path, synthetic_root):
@@ -52,7 +53,7 @@ def test_ablation_trains_every_row_writes_tables_and_resumes(tmp_path, synthetic
     assert not any("box_hit" in r for r in jobs["user-boxes/seed-0"]["per_image"])
     table = (out / "ablation.md").read_text()
     for label in ("SAMed-style", "+ boxes from saliency", "ground-truth boxes", "constant mask",
-                  "Do the saliency boxes find the polyp?"):
+                  "Do the model's own boxes (saliency or first mask) find the polyp?"):
         assert label in table
     assert "step time" in table and (out / "ablation.csv").is_file()
     timing = results["step_time"]

@@ -47,6 +47,7 @@ class MaskFromRedChannel(torch.nn.Module):
     """A stand-in model whose prediction is the image's red channel (the test images draw the mask in red)."""
 
     uses_saliency_boxes = False
+    uses_mask_boxes = False
 
     def oracle_prompts(self, masks):
         return {}

@@ -10,6 +10,7 @@ from shared_model.modeling.prompt_sam import build_model
 SAMED = {"prompts": {"text_tokens": 0, "dense_saliency": False, "use_boxes": False}}
 TEXT_ONLY = {"prompts": {"dense_saliency": False, "use_boxes": False}}
 ORACLE = {"prompts": {"box_source": "ground-truth"}}
+CASCADE = {"prompts": {"box_source": "mask"}}
 
 
 def _model(overrides):
@@ -65,6 +66,28 @@ def test_ground_truth_boxes_are_the_masks_enclosing_boxes():
     assert build_model("tiny").oracle_prompts(masks) == {}  # saliency boxes: nothing to pass
     with pytest.raises(ConfigError, match="box_source"):
         _model({"prompts": {"box_source": "clicks"}})
+
+
+def test_cascade_prompts_the_second_pass_with_the_box_of_the_first_mask():
+    model = _model(CASCADE)
+    assert model.uses_mask_boxes and not model.uses_saliency_boxes and model.oracle_prompts(torch.ones(1)) == {}
+    images, masks, texts = _batch()
+    out = model.eval()(images, texts)
+    expected, valid = mask_boxes((out.coarse_logits > 0).float())
+    assert torch.equal(out.boxes, expected) and valid.all() and out.boxes.shape == (2, 1, 4)
+    # The second pass is the box-prompted one: the same box given by hand gives the same mask.
+    by_hand = model(images, texts, boxes=out.boxes)
+    again = model(images, texts)
+    assert torch.allclose(again.mask_logits, by_hand.mask_logits, atol=1e-5)
+    assert not torch.allclose(again.coarse_logits, again.mask_logits)
+    # Both passes are trained: the coarse mask has its own loss term, and user prompts skip the cascade.
+    model.train()
+    loss, parts = model.compute_losses(model(images, texts), masks)
+    assert "coarse" in parts and parts["total"] > parts["dice"]
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert model(images, texts, boxes=torch.tensor([[[0.0, 0.0, 64.0, 64.0]]] * 2)).coarse_logits is None
+    assert build_model("tiny")(images, texts).coarse_logits is None
 
 
 def test_mask_boxes_of_an_empty_mask_is_the_whole_image():

@@ -75,7 +75,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def models(model):
-    return {"tiny": model, "tiny, every option": off_zero(build_model(merge(tiny_config(), ALL_OPTIONS)))}
+    return {"tiny": model, "tiny, every option": off_zero(build_model(merge(tiny_config(), ALL_OPTIONS))),
+            "tiny, mask boxes": off_zero(build_model(merge(tiny_config(), {"prompts": {"box_source": "mask"}})))}
 
 
 def examples(n: int, seed: int = 0) -> list[dict]:
@@ -130,7 +131,7 @@ def test_per_example_gradients_match_each_example_alone(models, variant, mode):
     assert not torch.allclose(grads["prompts.sparse.scale"][0], grads["prompts.sparse.scale"][2])
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tiny, every option"])
+@pytest.mark.parametrize("variant", ["tiny", "tiny, every option", "tiny, mask boxes"])
 def test_vmap_gradients_equal_the_microbatch_ones(models, variant):
     model = models[variant].eval()
     images, masks, texts = stack(examples(4))

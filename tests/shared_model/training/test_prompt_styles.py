@@ -85,6 +85,7 @@ class _TextGatedModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
 
     uses_saliency_boxes = False
+    uses_mask_boxes = False
 
     def oracle_prompts(self, masks):
         return {}

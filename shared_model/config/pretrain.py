@@ -35,6 +35,9 @@ DEFAULT_FORBIDDEN_ROOTS = ("../shared/data/polyp",)
 # Fields of ``pretrain`` that do not change the weights a run produces (time_limit_s only stops a
 # run early; the provenance records the steps actually taken).
 RUNTIME_FIELDS = ("progress", "log_every", "save_every", "time_limit_s")
+# Model fields added after the committed foundation was made, left out of the fingerprint while
+# they hold these values (their defaults, which give the weights the foundation was made with).
+LATER_MODEL_FIELDS = {("foundation",): None, ("loss", "coarse"): 1.0}
 
 
 @dataclass
@@ -175,14 +178,19 @@ SAM_RUNTIME_FIELDS = ("attention", "activation_checkpointing")
 
 
 def pretrain_fingerprint(cfg: PretrainConfig) -> str:
-    """sha256 (hex) of the canonical JSON of ``cfg`` without :data:`RUNTIME_FIELDS` and the
-    model's :data:`SAM_RUNTIME_FIELDS`."""
+    """sha256 (hex) of the canonical JSON of ``cfg`` without :data:`RUNTIME_FIELDS`, the model's
+    :data:`SAM_RUNTIME_FIELDS`, and the :data:`LATER_MODEL_FIELDS` that hold their defaults."""
     data = to_dict(cfg)
     for name in RUNTIME_FIELDS:
         data["pretrain"].pop(name)
     for name in SAM_RUNTIME_FIELDS:
         data["model"]["sam"].pop(name)
-    if data["model"].get("foundation") is None:  # a field added after the committed foundation, unset
-        data["model"].pop("foundation", None)
+    for path, default in LATER_MODEL_FIELDS.items():
+        *parents, name = path
+        section = data["model"]
+        for key in parents:
+            section = section[key]
+        if section.get(name, default) == default:
+            section.pop(name, None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -8,7 +8,10 @@ summed over every site), and evaluates each model on every centre's test split:
 * ``local``: one model per hospital on its own images only (``total_steps / H`` steps each);
 * ``fedavg`` / ``fedprox``: ``rounds`` Flower rounds of ``total_steps / (rounds x H)`` local steps
   per hospital, through the real ServerApp and ClientApp (:class:`InProcessGrid`: Flower's
-  messages serialised as on the wire, no transport).
+  messages serialised as on the wire, no transport);
+* ``fedavg_ft`` (personalised FedAvg): FedAvg with ``total_steps - H x finetune_steps`` steps, then
+  each hospital fine-tunes the final global model on its own images for ``finetune_steps`` steps
+  and keeps that model; each is tested on its own hospital's test split.
 
 With ``compare.leave_one_out`` every method of ``leave_one_out_methods`` is trained again on all
 centres but one and tested on the held-out centre's test split (the same images as in the main
@@ -41,18 +44,21 @@ from simulation.experiment import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-METHODS = ("centralized", "local", "fedavg", "fedprox")
+METHODS = ("centralized", "local", "fedavg", "fedprox", "fedavg_ft")
 FEDERATED = ("fedavg", "fedprox")
+PERSONALISED = ("fedavg_ft",)  # one model per hospital, each tested on its own centre only
 
 
 @dataclass
 class CompareConfig:
     """The ``compare:`` section of an experiment file."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS[:4]))  # fedavg_ft on request
     total_steps: int = 450  # optimiser steps summed over all sites, the same for every method
     rounds: int = 3  # federated rounds (local steps = total_steps / (rounds x hospitals))
     proximal_mu: float = 0.01  # fedprox
+    finetune_steps: int = 50  # fedavg_ft: local steps per hospital after the federated rounds
+    finetune_lr: float | None = None  # fedavg_ft: peak learning rate of the fine-tuning (None: train.lr)
     leave_one_out: bool = True
     leave_one_out_methods: list[str] = field(default_factory=lambda: ["centralized", "fedavg", "fedprox"])
     seeds: list[int] = field(default_factory=lambda: [0])  # training seeds (train.seed, federation.seed)
@@ -131,19 +137,30 @@ def check_compare(cfg: CompareConfig, exp: Experiment) -> None:
     if "local" in cfg.leave_one_out_methods:
         raise ConfigError("compare.leave_one_out_methods: 'local' trains on one centre; the main table "
                           "already tests each local model on the other centres")
+    if set(PERSONALISED) & set(cfg.leave_one_out_methods):
+        raise ConfigError("compare.leave_one_out_methods: 'fedavg_ft' fine-tunes at each hospital on its own "
+                          "images; a held-out centre has none")
     if exp.partition.mode != "centre":
         raise ConfigError("partition.mode: the comparison needs one hospital per centre ('centre')")
     if not cfg.seeds:
         raise ConfigError("compare.seeds: give at least one seed")
     if cfg.rounds < 1:
         raise ConfigError("compare.rounds: must be >= 1")
-    if cfg.prompt_styles and (cfg.prompt_model not in cfg.methods or cfg.prompt_model == "local"):
+    if cfg.prompt_styles and (cfg.prompt_model not in cfg.methods or cfg.prompt_model in ("local", *PERSONALISED)):
         raise ConfigError(f"compare.prompt_model: {cfg.prompt_model!r} must be one of compare.methods "
-                          "trained on all centres (not 'local')")
+                          "that gives one model trained on all centres (not 'local' or 'fedavg_ft')")
     hospitals = exp.simulation.num_supernodes
     if cfg.total_steps < cfg.rounds * hospitals:
         raise ConfigError(f"compare.total_steps: {cfg.total_steps} gives no local step per round "
                           f"({cfg.rounds} rounds x {hospitals} hospitals)")
+    if "fedavg_ft" in cfg.methods:
+        if cfg.finetune_steps < 1:
+            raise ConfigError("compare.finetune_steps: must be >= 1")
+        if cfg.finetune_lr is not None and cfg.finetune_lr <= 0:
+            raise ConfigError("compare.finetune_lr: must be > 0 (or null for train.lr)")
+        if cfg.total_steps - cfg.finetune_steps * hospitals < cfg.rounds * hospitals:
+            raise ConfigError(f"compare.finetune_steps: {cfg.finetune_steps} x {hospitals} hospitals leaves no "
+                              f"federated step per round of compare.total_steps {cfg.total_steps}")
 
 
 def plan(cfg: CompareConfig, centres: list[str]) -> list[Job]:
@@ -202,15 +219,16 @@ def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int
 
 
 def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg: CompareConfig,
-                    seed: int, out: Path) -> dict[str, Any]:
-    """FedAvg / FedProx through the real ServerApp and ClientApp, one hospital per centre."""
+                    seed: int, out: Path, total_steps: int | None = None) -> dict[str, Any]:
+    """FedAvg / FedProx through the real ServerApp and ClientApp, one hospital per centre, with
+    ``total_steps`` (default ``compare.total_steps``) local steps summed over rounds and hospitals."""
     from client.app import app as client_app
     from server.loop import FederatedServer
     from shared_model.config import from_run_config
     from simulation.inprocess import InProcessGrid
 
     hospitals = len(centres)
-    local_steps = cfg.total_steps // (cfg.rounds * hospitals)
+    local_steps = (cfg.total_steps if total_steps is None else total_steps) // (cfg.rounds * hospitals)
     exp = parse_experiment(apply_overrides(dict(raw), {
         "data.centres": list(centres), "simulation.num_supernodes": hospitals,
         "federation.strategy": method, "federation.proximal_mu": cfg.proximal_mu,
@@ -226,6 +244,39 @@ def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg
     return {"checkpoint": str(out / "final_model.pt"), "steps": local_steps * cfg.rounds * hospitals,
             "seconds": time.perf_counter() - start, "local_steps": local_steps,
             "global_val_dice_by_round": summary["global"]["dice"]}
+
+
+def train_personalised(raw: Mapping[str, Any], exp: Experiment, centres: list[str], cfg: CompareConfig,
+                       seed: int, out: Path) -> dict[str, Any]:
+    """Personalised FedAvg (``fedavg_ft``): FedAvg, then each hospital fine-tunes the final global
+    model on its own training images (``compare.finetune_steps`` AdamW steps, warm-up and cosine
+    decay from ``compare.finetune_lr``) and is tested on its own test split, at the same total compute.
+
+    Returns:
+        The job's record: ``per_image`` holds each hospital's model on that hospital's test images.
+    """
+    from shared_model.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from shared_model.training.loop import train_model
+
+    hospitals = len(centres)
+    federated = train_federated(raw, "fedavg", centres, cfg, seed, out / "federated",
+                                total_steps=cfg.total_steps - cfg.finetune_steps * hospitals)
+    lr = exp.train.lr if cfg.finetune_lr is None else cfg.finetune_lr
+    tuned = replace(exp.train, steps=cfg.finetune_steps, seed=seed, progress=False, proximal_mu=0.0, lr=lr)
+    start = time.perf_counter()
+    checkpoints, per_image = {}, []
+    for centre in centres:
+        model, _ = load_model_checkpoint(federated["checkpoint"])
+        result = train_model(model, _dataset(exp, [centre], "train", seed), tuned, device=exp.federation.device)
+        checkpoints[centre] = str(out / f"model-{centre}.pt")
+        save_model_checkpoint(checkpoints[centre], model, extra={"steps": result.steps, "centres": [centre],
+                                                                   "federated": federated["checkpoint"]})
+        per_image += evaluate_checkpoint(exp, checkpoints[centre], [centre])["per_image"]
+    return {"checkpoints": checkpoints, "federated_checkpoint": federated["checkpoint"],
+            "steps": federated["steps"] + cfg.finetune_steps * hospitals,
+            "seconds": federated["seconds"] + time.perf_counter() - start,
+            "local_steps": federated["local_steps"], "finetune_steps": cfg.finetune_steps, "finetune_lr": lr,
+            "global_val_dice_by_round": federated["global_val_dice_by_round"], "per_image": per_image}
 
 
 def evaluate_checkpoint(exp: Experiment, checkpoint: str, centres: list[str],
@@ -330,13 +381,20 @@ def run_comparison(config: str | Path, out: str | Path, overrides: Mapping[str, 
         echo(f"[{i}/{len(todo)}] {job.key}: training on {', '.join(job.centres)}")
         job_dir = out / "jobs" / job.key.replace("/", "_")
         job_dir.mkdir(parents=True, exist_ok=True)
-        if job.method in FEDERATED:
-            info = train_federated(raw, job.method, job.centres, cfg, job.seed, job_dir)
+        if job.method in PERSONALISED:
+            info = train_personalised(raw, exp, job.centres, cfg, job.seed, job_dir)
+            own = [baseline([c], [c]) for c in job.centres]  # each hospital's own constant mask
+            info.update(baseline_fit=[b["baseline_fit"] for b in own],
+                        baseline_per_image=[r for b in own for r in b["baseline_per_image"]])
         else:
-            steps = cfg.total_steps // hospitals if job.method == "local" else cfg.total_steps
-            info = train_single_site(exp, job.centres, steps, job.seed, job_dir)
-        info.update(evaluate_checkpoint(exp, info["checkpoint"], test_centres))
-        info.update(baseline(job.centres, test_centres), eval_prompt=exp.data.eval_prompt)
+            if job.method in FEDERATED:
+                info = train_federated(raw, job.method, job.centres, cfg, job.seed, job_dir)
+            else:
+                steps = cfg.total_steps // hospitals if job.method == "local" else cfg.total_steps
+                info = train_single_site(exp, job.centres, steps, job.seed, job_dir)
+            info.update(evaluate_checkpoint(exp, info["checkpoint"], test_centres))
+            info.update(baseline(job.centres, test_centres))
+        info["eval_prompt"] = exp.data.eval_prompt
         jobs[job.key] = {"setting": job.setting, "method": job.method, "centres": job.centres,
                          "seed": job.seed, **info}
         results_path.write_text(json.dumps(results, indent=1))

@@ -3,7 +3,9 @@
 Cells are over test images (and seeds, pooled): Dice / IoU / HD95 mean and standard deviation.
 Rows of the main table: each method trained on all centres; ``local (<centre>)`` is the model
 trained at that hospital alone, tested everywhere, and ``local (own centre)`` takes, for each
-centre, that centre's own local model (what a hospital gets without federation). Under each table,
+centre, that centre's own local model (what a hospital gets without federation);
+``fedavg + local fine-tune (own centre)`` is personalised FedAvg, each hospital's fine-tuned copy of
+the global model on that hospital's test images. Under each table,
 ``constant mask`` rows: the constant-mask baseline of each distinct training set (fitted on that
 set's training split only, see :func:`simulation.comparison.constant_baseline`), per test centre.
 """
@@ -25,6 +27,7 @@ CSV_FIELDS = ("setting", "method", "trained_on", "test_centre", "n", "dice", "di
               "hd95", "hd95_std", "baseline_dice", "baseline_dice_std", "baseline_iou", "baseline_iou_std",
               "baseline_hd95", "baseline_hd95_std", "eval_prompt", "steps_per_run", "seeds")
 POOLED = "pooled"
+PERSONALISED_LABEL = "fedavg + local fine-tune (own centre)"
 BASELINE = "baseline_"  # prefix of the constant-mask baseline's statistics in a row
 
 
@@ -80,6 +83,9 @@ def table_rows(results: dict[str, Any], centres: list[str], methods: Iterable[st
                             for key in ("per_image", "baseline_per_image") if key in j}}
                    for j in jobs if j["setting"] == "all" and j["method"] == "local"]
             add("all", "local (own centre)", "each centre", own, centres, True)
+        elif method == "fedavg_ft":
+            picked = [j for j in jobs if j["setting"] == "all" and j["method"] == method]
+            add("all", PERSONALISED_LABEL, "each centre", picked, centres, True)
         else:
             picked = [j for j in jobs if j["setting"] == "all" and j["method"] == method]
             add("all", method, "all centres", picked, centres, True)
@@ -128,7 +134,8 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
         f"Same compute for every method: {cfg.total_steps} optimiser steps of batch {batch_size} summed over all "
         f"sites (centralized: {cfg.total_steps} steps on the pooled images; local: {cfg.total_steps // hospitals} "
         f"steps at each hospital; FedAvg/FedProx: {cfg.rounds} rounds x {local_steps} local steps x {hospitals} "
-        f"hospitals{f', mu {cfg.proximal_mu}' if 'fedprox' in cfg.methods else ''}). Final models (no selection). "
+        f"hospitals{f', mu {cfg.proximal_mu}' if 'fedprox' in cfg.methods else ''}"
+        f"{_personalised_text(cfg, hospitals)}). Final models (no selection). "
         f"Seeds {cfg.seeds}; cells are mean ± std over test images (and seeds).",
         "",
         f"Evaluation prompt: {_prompt_text(_eval_prompts(results['jobs'].values()))}. "
@@ -185,6 +192,17 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
     env = results.get("environment", {})
     lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items() if v is not None), ""]
     return "\n".join(lines)
+
+
+def _personalised_text(cfg: Any, hospitals: int) -> str:
+    if "fedavg_ft" not in getattr(cfg, "methods", []):
+        return ""
+    ft = cfg.finetune_steps
+    local = (cfg.total_steps - ft * hospitals) // (cfg.rounds * hospitals)
+    lr = "" if cfg.finetune_lr is None else f" at peak learning rate {cfg.finetune_lr}"
+    return (f"; {PERSONALISED_LABEL}: FedAvg {cfg.rounds} rounds x {local} local steps x {hospitals} hospitals, "
+            f"then {ft} steps{lr} at each hospital on its own images, each hospital's model tested on its own "
+            "test split")
 
 
 def _find(rows: list[dict[str, Any]], method: str, centre: str) -> dict[str, Any] | None:

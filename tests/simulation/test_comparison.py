@@ -81,6 +81,40 @@ def test_comparison_runs_every_method_with_the_same_compute_and_resumes(tmp_path
         run_comparison(other, out, echo=lambda line: None)
 
 
+def test_personalised_fedavg_fine_tunes_the_global_model_at_each_hospital_within_the_same_compute(tmp_path):
+    import torch
+
+    from shared_model.checkpoint import load_model_checkpoint
+
+    config = _write(tmp_path, {**SYNTHETIC, "compare": {
+        "methods": ["local", "fedavg_ft"], "total_steps": 9, "rounds": 1, "finetune_steps": 1,
+        "finetune_lr": 0.01, "leave_one_out": False, "prompt_styles": False}})
+    out = tmp_path / "out"
+    results = run_comparison(config, out, echo=lambda line: None)
+    job = results["jobs"]["all/fedavg_ft/seed-0"]
+    # 9 steps in all: 1 round x 2 local steps x 3 hospitals, then 1 fine-tuning step at each hospital.
+    assert job["steps"] == 9 and job["local_steps"] == 2 and job["finetune_steps"] == 1 and job["finetune_lr"] == 0.01
+    assert results["jobs"]["all/local-centre_0/seed-0"]["steps"] == 3
+    # Each hospital's own model, tested on its own test images only, next to its own constant mask.
+    by_centre = {c: {r["stem"] for r in job["per_image"] if r["centre"] == c} for c in ("centre_0", "centre_1", "centre_2")}
+    local = results["jobs"]["all/local-centre_0/seed-0"]["per_image"]
+    assert by_centre["centre_0"] == {r["stem"] for r in local if r["centre"] == "centre_0"}
+    assert all(by_centre.values()) and len(job["per_image"]) == sum(map(len, by_centre.values()))
+    assert [r["stem"] for r in job["baseline_per_image"]] == [r["stem"] for r in job["per_image"]]
+    global_model, _ = load_model_checkpoint(job["federated_checkpoint"])
+    tuned = {c: load_model_checkpoint(path)[0] for c, path in job["checkpoints"].items()}
+    assert set(tuned) == {"centre_0", "centre_1", "centre_2"}
+    for model in tuned.values():  # fine-tuned away from the global model, each at its own hospital
+        moved = [not torch.equal(p, q) for (_, p), (_, q) in zip(model.named_parameters(), global_model.named_parameters())
+                 if p.requires_grad]
+        assert any(moved)
+    a, b = (dict(m.named_parameters()) for m in (tuned["centre_0"], tuned["centre_1"]))
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].requires_grad)
+    table = (out / "table.md").read_text()
+    assert "| fedavg + local fine-tune (own centre) |" in table and "then 1 steps at 0.01" not in table
+    assert "FedAvg 1 rounds x 2 local steps x 3 hospitals, then 1 steps at peak learning rate 0.01" in table
+
+
 def test_table_rows_pool_images_and_pick_each_centres_own_local_model():
     def job(setting, method, centres, per_image, seed=0):
         return {"setting": setting, "method": method, "centres": centres, "seed": seed, "steps": 10,
@@ -176,6 +210,10 @@ def test_plan_orders_jobs_and_skips_leave_one_out_when_off():
     ({"total_steps": 5, "rounds": 2}, "compare.total_steps"),
     ({"seeds": []}, "compare.seeds"),
     ({"total_step": 5}, "total_step"),
+    ({"methods": ["fedavg_ft"], "prompt_styles": False, "finetune_steps": 2, "total_steps": 11}, "compare.finetune_steps"),
+    ({"methods": ["fedavg_ft"], "prompt_styles": False, "finetune_lr": 0.0, "total_steps": 600}, "compare.finetune_lr"),
+    ({"leave_one_out_methods": ["fedavg_ft"]}, "compare.leave_one_out_methods: 'fedavg_ft'"),
+    ({"methods": ["fedavg_ft"], "prompt_model": "fedavg_ft", "total_steps": 600}, "compare.prompt_model"),
 ])
 def test_bad_compare_sections_name_the_field(tmp_path, compare, message):
     with pytest.raises(ConfigError, match=message):

@@ -239,3 +239,13 @@ def test_the_shipped_real_data_config_parses():
     assert raw["model"]["foundation"] == "tiny"  # adapted from the committed foundation
     assert Path(raw["data"]["root"]).is_absolute() and exp.data.centres == ["kvasir_seg", "cvc_clinicdb", "cvc_colondb"]
     json.dumps(raw)
+
+
+def test_the_shipped_multitask_config_parses_and_restricts_to_one_task():
+    root = Path(__file__).resolve().parents[2]
+    config = root / "simulation" / "configs" / "multitask_tiny.yaml"
+    exp, cfg, raw = load_comparison(config)
+    assert cfg.methods == ["centralized"] and len(cfg.seeds) >= 2
+    assert [s.task for s in exp.data.sources] == ["polyp", "breast-tumour", "retinal-vessels"]
+    exp, _, _ = load_comparison(config, {"data.centres": "[busi]"})
+    assert exp.data.centres == ["busi"]

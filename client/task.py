@@ -176,6 +176,10 @@ def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> Loc
     if cache is not None:
         for dataset in (train, val) if val is not None else (train,):
             validate_cached(dataset, cache)
+    if data.rehearsal_scenes:
+        from shared_model.data.scene_dataset import with_rehearsal
+
+        train = with_rehearsal(train, data.rehearsal_scenes, size, data.rehearsal_seed)
     return LocalData(name, train, val)
 
 
@@ -272,6 +276,7 @@ def train_round(
     """
     with phase("imports"):
         from shared_model.training.evaluate import evaluate_model
+        from shared_model.data.scene_dataset import own_examples
         from shared_model.training.loop import LRSchedule, train_model
 
     fed = settings.federation
@@ -305,7 +310,7 @@ def train_round(
             val_dice = evaluate_model(model, data.val, device=fed.device,
                                       batch_size=fed.eval_batch_size).aggregate["dice"]
     metrics = {
-        "num-examples": len(data.train),
+        "num-examples": own_examples(data.train),  # FedAvg's weight: the hospital's own images
         "partition-id": partition_id,
         "train-loss": _finite(result.loss) if release else float("nan"),
         "train-steps": result.steps,

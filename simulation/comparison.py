@@ -182,11 +182,13 @@ def plan(cfg: CompareConfig, centres: list[str]) -> list[Job]:
 # -- training ----------------------------------------------------------------------------------
 
 
-def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, augment: bool | None = None):
+def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, augment: bool | None = None,
+             rehearsal: bool = True):
     """The ``split`` ("train" or "test") of ``centres``, pooled (the run's seeded per-centre split).
 
-    The training split is augmented if the data config says so (or ``augment``) and prompted per
-    ``data.prompt_mode``; the test split is a scored set, prompted per ``data.eval_prompt``
+    The training split is augmented if the data config says so (or ``augment``), prompted per
+    ``data.prompt_mode`` and followed by ``data.rehearsal_scenes`` synthetic scenes (if
+    ``rehearsal``); the test split is a scored set, prompted per ``data.eval_prompt``
     (:func:`~shared_model.data.dataset.evaluation_dataset`: the class name by default).
     """
     from shared_model.data.dataset import PolypDataset, evaluation_dataset
@@ -198,14 +200,18 @@ def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, aug
     if split != "train":
         return evaluation_dataset(samples, sam.image_size, data.eval_prompt, data.class_name, data.on_error,
                                   resize=sam.input_resize)
-    return PolypDataset(samples, sam.image_size, augment=data.augment if augment is None else augment, seed=seed,
-                        prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error,
-                        resize=sam.input_resize)
+    from shared_model.data.scene_dataset import with_rehearsal
+
+    train = PolypDataset(samples, sam.image_size, augment=data.augment if augment is None else augment, seed=seed,
+                         prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error,
+                         resize=sam.input_resize)
+    return with_rehearsal(train, data.rehearsal_scenes if rehearsal else 0, sam.image_size, data.rehearsal_seed)
 
 
 def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
     """Centralized or local training: ``steps`` AdamW steps on the pooled train split of ``centres``."""
     from shared_model.checkpoint import save_model_checkpoint
+    from shared_model.data.scene_dataset import own_examples
     from shared_model.modeling.prompt_sam import build_model
     from shared_model.training.loop import train_model
 
@@ -215,7 +221,7 @@ def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int
     result = train_model(model, train, cfg, device=exp.federation.device)
     save_model_checkpoint(out / "model.pt", model, extra={"steps": result.steps, "centres": centres})
     return {"checkpoint": str(out / "model.pt"), "steps": result.steps, "seconds": result.seconds,
-            "train_images": len(train)}
+            "train_images": own_examples(train), "train_items": len(train)}
 
 
 def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg: CompareConfig,
@@ -301,7 +307,7 @@ def constant_baseline(exp: Experiment, train_centres: list[str], test_centres: l
     it, scored per image on ``test_centres``' test splits."""
     from shared_model.training.evaluate import fit_constant_mask, score_constant_mask
 
-    fit = fit_constant_mask(_dataset(exp, train_centres, "train", augment=False))
+    fit = fit_constant_mask(_dataset(exp, train_centres, "train", augment=False, rehearsal=False))
     scored = score_constant_mask(fit["mask"], _dataset(exp, test_centres, "test"), resolution="original")
     keys = ("dice", "iou", "hd95")
     return {"baseline_fit": {"train_centres": list(train_centres), "train_images": fit["train_images"],

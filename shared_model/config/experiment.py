@@ -35,7 +35,7 @@ from shared_model.config.faults import FaultConfig, check_faults
 from shared_model.config.federation import FederationConfig, PartitionConfig, check_federation, to_run_config
 from shared_model.config.model import model_config_from_dict
 from shared_model.config.parse import ConfigError, blame_overrides, from_dict, load_yaml
-from shared_model.config.privacy import PrivacyConfig, check_privacy
+from shared_model.config.privacy import PrivacyConfig, check_privacy, check_rehearsal_privacy
 from shared_model.config.site import DataConfig, TrainConfig, check_data, check_train
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +171,7 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
         check_train(exp.train, "train.")
         check_data(exp.data, "data.")
         check_privacy(exp.privacy, "privacy.")
+        check_rehearsal_privacy(exp.data, exp.privacy, "data.")
         check_adapter(exp.adapter, "adapter.")
         check_faults(exp.faults, "faults.")
         if exp.faults.sleep_fraction > 0 and exp.federation.reply_timeout >= exp.faults.sleep_seconds:

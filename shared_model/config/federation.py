@@ -11,7 +11,7 @@ from shared_model.config.adapter import AdapterConfig, check_adapter
 from shared_model.config.faults import FaultConfig, check_faults
 from shared_model.config.model import ModelConfig, model_config_from_dict
 from shared_model.config.parse import ConfigError, _coerce, from_dict, kebab, to_dict
-from shared_model.config.privacy import PrivacyConfig, check_privacy
+from shared_model.config.privacy import PrivacyConfig, check_privacy, check_rehearsal_privacy
 from shared_model.config.site import DataConfig, TrainConfig, check_data, check_train
 
 T = TypeVar("T")
@@ -175,6 +175,7 @@ def from_run_config(run_config: dict[str, Any]) -> RunSettings:
     check_train(settings.train, "train-config.")
     check_data(settings.data, "data-config.")
     check_privacy(settings.privacy, "privacy-")
+    check_rehearsal_privacy(settings.data, settings.privacy, "data-config.")
     check_adapter(settings.adapter, "adapter-config.")
     check_faults(settings.faults, "fault-")
     return settings

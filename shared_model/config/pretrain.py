@@ -35,9 +35,10 @@ DEFAULT_FORBIDDEN_ROOTS = ("../shared/data/polyp",)
 # Fields of ``pretrain`` that do not change the weights a run produces (time_limit_s only stops a
 # run early; the provenance records the steps actually taken).
 RUNTIME_FIELDS = ("progress", "log_every", "save_every", "time_limit_s")
-# Model fields added after the committed foundation was made, left out of the fingerprint while
-# they hold these values (their defaults, which give the weights the foundation was made with).
-LATER_MODEL_FIELDS = {("foundation",): None, ("loss", "coarse"): 1.0}
+# Fields added after the committed foundation was made, left out of the fingerprint while they
+# hold these values (their defaults, which give the weights the foundation was made with).
+LATER_FIELDS = {("model", "foundation"): None, ("model", "loss", "coarse"): 1.0,
+                ("data", "rehearsal_scenes"): 0, ("data", "rehearsal_seed"): 0}
 
 
 @dataclass
@@ -139,6 +140,8 @@ def load_pretrain_config(path: str | Path, overrides: Mapping[str, Any] | None =
 def check_pretrain(cfg: PretrainConfig) -> None:
     """Ranges and choices of a :class:`PretrainConfig`, raising ConfigError naming the field."""
     check_data(cfg.data)
+    if cfg.data.rehearsal_scenes:
+        raise ConfigError("data.rehearsal_scenes: pretraining draws its scenes from scenes.frames; leave it 0")
     if not cfg.data.sources and cfg.scenes.frames == 0:
         raise ConfigError("data.sources: name the public task folders (or set scenes.frames > 0)")
     if cfg.model.foundation:
@@ -179,15 +182,15 @@ SAM_RUNTIME_FIELDS = ("attention", "activation_checkpointing")
 
 def pretrain_fingerprint(cfg: PretrainConfig) -> str:
     """sha256 (hex) of the canonical JSON of ``cfg`` without :data:`RUNTIME_FIELDS`, the model's
-    :data:`SAM_RUNTIME_FIELDS`, and the :data:`LATER_MODEL_FIELDS` that hold their defaults."""
+    :data:`SAM_RUNTIME_FIELDS`, and the :data:`LATER_FIELDS` that hold their defaults."""
     data = to_dict(cfg)
     for name in RUNTIME_FIELDS:
         data["pretrain"].pop(name)
     for name in SAM_RUNTIME_FIELDS:
         data["model"]["sam"].pop(name)
-    for path, default in LATER_MODEL_FIELDS.items():
+    for path, default in LATER_FIELDS.items():
         *parents, name = path
-        section = data["model"]
+        section = data
         for key in parents:
             section = section[key]
         if section.get(name, default) == default:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from shared_model.config.parse import ConfigError, _field
 
@@ -64,6 +65,14 @@ class PrivacyConfig:
     # hospital's num-examples. Larger loses precision (the step of one averaged value is
     # 2 clipping_range / quantization_range x max_weight / sum of num-examples); smaller overflows.
     secagg_max_weight: float = 1000.0
+
+
+def check_rehearsal_privacy(data: Any, cfg: PrivacyConfig, prefix: str = "data.") -> None:
+    """Local DP accounts for the hospital's own images only; rehearsal scenes in its batches would
+    change the sampling rate the accountant assumes, so the two are refused together."""
+    if cfg.local_dp and data.rehearsal_scenes:
+        raise ConfigError(f"{prefix}rehearsal_scenes: not with privacy local_dp (the DP accountant's sampling "
+                          "rate counts the hospital's own images only); set it to 0")
 
 
 def check_privacy(cfg: PrivacyConfig, prefix: str = "privacy.") -> None:

@@ -68,6 +68,10 @@ class DataConfig:
     # Prompt of every scored set (val/test/evaluate): "class" (the class name, default) or
     # "oracle-caption" (captions of the ground-truth masks: optimistic, an upper bound).
     eval_prompt: str = "class"
+    # Rehearsal: synthetic scenes (public, generated at each site; shared_model.data.scene_dataset)
+    # added to every training set, so that adapting to one class keeps the text choosing the target.
+    rehearsal_scenes: int = 0  # frames (each gives ~3 (image, prompt, target) items); 0 = off
+    rehearsal_seed: int = 0  # seed of their frames
 
 
 @dataclass
@@ -153,6 +157,7 @@ def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
         ("root", bool(cfg.root), "must name a folder"),
         ("class_name", cfg.class_name is None or bool(cfg.class_name.strip()),
          "must be a non-empty string, or unset (each task's class name)"),
+        ("rehearsal_scenes", cfg.rehearsal_scenes >= 0, "must be >= 0 (0 = no rehearsal)"),
     ], prefix)
     check_tasks(cfg, prefix)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from shared_model.data.scenes import Scene, synthetic_scene
 
@@ -135,3 +135,38 @@ def write_scenes(out: str | Path, n_frames: int, image_size: int = 128, seed: in
     meta = {"generator": {"n_frames": n_frames, "image_size": image_size, "seed": seed}, "items": items}
     (out / "prompts.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
+
+
+class RehearsalDataset(ConcatDataset):
+    """A site's own training set followed by synthetic scenes (``data.rehearsal_scenes``).
+
+    Scenes are public and generated at the site, so no image leaves a hospital; mixing them into
+    the batches keeps the model answering the text (which target a prompt names) while it adapts
+    to one class. ``own`` is the site's own set: its size is the site's example count (FedAvg's
+    weight), its ``set_epoch`` draws new augmentations (scenes are never augmented).
+    """
+
+    def __init__(self, own: Dataset, scenes: SceneDataset) -> None:
+        super().__init__([own, scenes])
+        self.own, self.scenes = own, scenes
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.own, "set_epoch"):
+            self.own.set_epoch(epoch)
+
+    def centres(self) -> list[str]:
+        own = self.own.centres() if hasattr(self.own, "centres") else []
+        return [*own, SCENE_CENTRE]
+
+
+def with_rehearsal(train: Dataset, frames: int, image_size: int, seed: int = 0) -> Dataset:
+    """``train`` with ``frames`` synthetic scenes appended (:class:`RehearsalDataset`), or
+    ``train`` itself when ``frames`` is 0."""
+    if frames <= 0:
+        return train
+    return RehearsalDataset(train, SceneDataset(frames, image_size, seed))
+
+
+def own_examples(train: Dataset) -> int:
+    """The number of a site's own training items (rehearsal scenes not counted)."""
+    return len(getattr(train, "own", train))

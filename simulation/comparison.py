@@ -245,11 +245,38 @@ def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg
     out.mkdir(parents=True, exist_ok=True)
     run_config = exp.run_config()
     start = time.perf_counter()
-    FederatedServer(from_run_config(run_config), run_config).run(InProcessGrid(client_app, run_config, hospitals))
+    seconds = finished_run_seconds(out, run_config)
+    if seconds is None:
+        FederatedServer(from_run_config(run_config), run_config).run(InProcessGrid(client_app, run_config, hospitals))
+        seconds = time.perf_counter() - start
+    else:
+        log.info("%s: the same federated run finished here before; reusing it", out)
     summary = json.loads((out / "summary.json").read_text())
     return {"checkpoint": str(out / "final_model.pt"), "steps": local_steps * cfg.rounds * hospitals,
-            "seconds": time.perf_counter() - start, "local_steps": local_steps,
-            "global_val_dice_by_round": summary["global"]["dice"]}
+            "seconds": seconds, "local_steps": local_steps, "global_val_dice_by_round": summary["global"]["dice"]}
+
+
+def finished_run_seconds(out: Path, run_config: Mapping[str, Any]) -> float | None:
+    """If ``out`` holds a federated run that finished every round with ``run_config`` (the run
+    folder and resume flag aside), its training time in seconds (the sum of its rounds); else None.
+
+    A personalised job (``fedavg_ft``) then fine-tunes that run's final model again instead of
+    training it again, e.g. when only ``compare.finetune_lr`` changed.
+    """
+    from server.loop import RUN_CONFIG_NAME
+
+    try:
+        done = json.loads((out / RUN_CONFIG_NAME).read_text())
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keep = lambda cfg: {k: v for k, v in cfg.items() if k not in ("run-dir", "resume")}  # noqa: E731
+    rounds = run_config["num-server-rounds"]
+    if keep(done) != keep(run_config) or not (out / "final_model.pt").is_file():
+        return None
+    if summary.get("global", {}).get("dice", {}).get(str(rounds)) is None:
+        return None
+    return float(summary.get("mean_round_seconds") or 0.0) * rounds
 
 
 def train_personalised(raw: Mapping[str, Any], exp: Experiment, centres: list[str], cfg: CompareConfig,

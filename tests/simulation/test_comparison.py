@@ -81,7 +81,8 @@ def test_comparison_runs_every_method_with_the_same_compute_and_resumes(tmp_path
         run_comparison(other, out, echo=lambda line: None)
 
 
-def test_personalised_fedavg_fine_tunes_the_global_model_at_each_hospital_within_the_same_compute(tmp_path):
+def test_personalised_fedavg_fine_tunes_the_global_model_at_each_hospital_within_the_same_compute(tmp_path,
+                                                                                                   monkeypatch):
     import torch
 
     from shared_model.checkpoint import load_model_checkpoint
@@ -113,6 +114,30 @@ def test_personalised_fedavg_fine_tunes_the_global_model_at_each_hospital_within
     table = (out / "table.md").read_text()
     assert "| fedavg + local fine-tune (own centre) |" in table and "then 1 steps at 0.01" not in table
     assert "FedAvg 1 rounds x 2 local steps x 3 hospitals, then 1 steps at peak learning rate 0.01" in table
+
+    # Another fine-tuning of the same federated run fine-tunes its final model again, not the run.
+    results_path = out / "results.json"
+    kept = json.loads(results_path.read_text())
+    del kept["jobs"]["all/fedavg_ft/seed-0"]
+    results_path.write_text(json.dumps(kept))
+    (out / "config.yaml").unlink()
+    config_lr = _write(tmp_path, {**SYNTHETIC, "compare": {
+        "methods": ["local", "fedavg_ft"], "total_steps": 9, "rounds": 1, "finetune_steps": 1,
+        "finetune_lr": 0.001, "leave_one_out": False, "prompt_styles": False}}, "lr.yaml")
+    import server.loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the finished federated run was trained again")
+
+    monkeypatch.setattr(server.loop, "FederatedServer", refuse)
+    again = run_comparison(config_lr, out, echo=lambda line: None)["jobs"]["all/fedavg_ft/seed-0"]
+    assert again["finetune_lr"] == 0.001 and again["federated_checkpoint"] == job["federated_checkpoint"]
+    assert again["global_val_dice_by_round"] == job["global_val_dice_by_round"]
+    run_config = json.loads((Path(job["federated_checkpoint"]).parent / "run_config.json").read_text())
+    assert comparison.finished_run_seconds(Path(job["federated_checkpoint"]).parent, run_config) is not None
+    assert comparison.finished_run_seconds(Path(job["federated_checkpoint"]).parent,
+                                           {**run_config, "local-steps": 3}) is None
+    assert "then 1 steps at peak learning rate 0.001" in (out / "table.md").read_text()
 
 
 def test_table_rows_pool_images_and_pick_each_centres_own_local_model():

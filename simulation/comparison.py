@@ -257,22 +257,28 @@ def train_federated(raw: Mapping[str, Any], method: str, centres: list[str], cfg
 
 
 def finished_run_seconds(out: Path, run_config: Mapping[str, Any]) -> float | None:
-    """If ``out`` holds a federated run that finished every round with ``run_config`` (the run
-    folder and resume flag aside), its training time in seconds (the sum of its rounds); else None.
+    """If ``out`` holds a federated run that finished every round with ``run_config`` (compared as
+    parsed settings, so fields added since take their defaults; the run folder and resume flag
+    aside), its training time in seconds (the sum of its rounds); else None.
 
     A personalised job (``fedavg_ft``) then fine-tunes that run's final model again instead of
     training it again, e.g. when only ``compare.finetune_lr`` changed.
     """
     from server.loop import RUN_CONFIG_NAME
+    from shared_model.config import from_run_config
+
+    def settings(cfg: Mapping[str, Any]):
+        parsed = from_run_config(dict(cfg))
+        parsed.federation.run_dir, parsed.federation.resume = "", False
+        return parsed
 
     try:
-        done = json.loads((out / RUN_CONFIG_NAME).read_text())
+        done = settings(json.loads((out / RUN_CONFIG_NAME).read_text()))
         summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, ConfigError):
         return None
-    keep = lambda cfg: {k: v for k, v in cfg.items() if k not in ("run-dir", "resume")}  # noqa: E731
     rounds = run_config["num-server-rounds"]
-    if keep(done) != keep(run_config) or not (out / "final_model.pt").is_file():
+    if done != settings(run_config) or not (out / "final_model.pt").is_file():
         return None
     if summary.get("global", {}).get("dice", {}).get(str(rounds)) is None:
         return None

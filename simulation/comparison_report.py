@@ -124,7 +124,6 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
              batch_size: int) -> str:
     """The comparison as Markdown: main tables (Dice, IoU, HD95), leave-one-out, prompt styles."""
     hospitals = len(centres)
-    local_steps = cfg.total_steps // (cfg.rounds * hospitals)
     main = [r for r in rows if r["setting"] == "all"]
     names = list(dict.fromkeys(r["method"] for r in main))
     counts = {r["test_centre"]: r["n"] for r in main}
@@ -132,10 +131,7 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
         "# Centralized vs local-only vs federated training",
         "",
         f"Same compute for every method: {cfg.total_steps} optimiser steps of batch {batch_size} summed over all "
-        f"sites (centralized: {cfg.total_steps} steps on the pooled images; local: {cfg.total_steps // hospitals} "
-        f"steps at each hospital; FedAvg/FedProx: {cfg.rounds} rounds x {local_steps} local steps x {hospitals} "
-        f"hospitals{f', mu {cfg.proximal_mu}' if 'fedprox' in cfg.methods else ''}"
-        f"{_personalised_text(cfg, hospitals)}). Final models (no selection). "
+        f"sites ({_compute_text(cfg, hospitals)}). Final models (no selection). "
         f"Seeds {cfg.seeds}; cells are mean ± std over test images (and seeds).",
         "",
         f"Evaluation prompt: {_prompt_text(_eval_prompts(results['jobs'].values()))}. "
@@ -194,15 +190,28 @@ def markdown(results: dict[str, Any], rows: list[dict[str, Any]], centres: list[
     return "\n".join(lines)
 
 
-def _personalised_text(cfg: Any, hospitals: int) -> str:
-    if "fedavg_ft" not in getattr(cfg, "methods", []):
-        return ""
-    ft = cfg.finetune_steps
-    local = (cfg.total_steps - ft * hospitals) // (cfg.rounds * hospitals)
-    lr = "" if cfg.finetune_lr is None else f" at peak learning rate {cfg.finetune_lr}"
-    return (f"; {PERSONALISED_LABEL}: FedAvg {cfg.rounds} rounds x {local} local steps x {hospitals} hospitals, "
-            f"then {ft} steps{lr} at each hospital on its own images, each hospital's model tested on its own "
-            "test split")
+def _compute_text(cfg: Any, hospitals: int) -> str:
+    """How each method of ``cfg.methods`` (and of leave-one-out) spends the steps."""
+    methods = set(cfg.methods) | (set(getattr(cfg, "leave_one_out_methods", [])) if getattr(cfg, "leave_one_out", False)
+                                  else set())
+    parts = []
+    if "centralized" in methods:
+        parts.append(f"centralized: {cfg.total_steps} steps on the pooled images")
+    if "local" in methods:
+        parts.append(f"local: {cfg.total_steps // hospitals} steps at each hospital")
+    federated = [name for key, name in (("fedavg", "FedAvg"), ("fedprox", "FedProx")) if key in methods]
+    if federated:
+        mu = f", mu {cfg.proximal_mu}" if "fedprox" in methods else ""
+        parts.append(f"{'/'.join(federated)}: {cfg.rounds} rounds x {cfg.total_steps // (cfg.rounds * hospitals)} "
+                     f"local steps x {hospitals} hospitals{mu}")
+    if "fedavg_ft" in methods:
+        ft = cfg.finetune_steps
+        local = (cfg.total_steps - ft * hospitals) // (cfg.rounds * hospitals)
+        lr = "" if cfg.finetune_lr is None else f" at peak learning rate {cfg.finetune_lr}"
+        parts.append(f"{PERSONALISED_LABEL}: FedAvg {cfg.rounds} rounds x {local} local steps x {hospitals} "
+                     f"hospitals, then {ft} steps{lr} at each hospital on its own images, each hospital's model "
+                     "tested on its own test split")
+    return "; ".join(parts)
 
 
 def _find(rows: list[dict[str, Any]], method: str, centre: str) -> dict[str, Any] | None:

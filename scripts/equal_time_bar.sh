@@ -9,13 +9,14 @@
 # shared_model.training.metrics) and a --seed flag for its initialisation and batch order.
 #
 # Usage: scripts/equal_time_bar.sh OUT SEED [SEED ...]     (e.g. scripts/equal_time_bar.sh runs/equal_time 0 1)
+# CONFIG=FILE picks another pipeline config (e.g. pooled_20min_samed.yaml: the prompt pathway off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: $0 OUT SEED [SEED ...]" >&2; exit 2; }
 OUT=$1; shift
 PY=${PYTHON:-.venv/bin/python}
 ANCHOR=../shared/tools/unet_anchor.py
-CONFIG=simulation/results/equal_time_polyp_tiny/pooled_20min.yaml
+CONFIG=${CONFIG:-simulation/results/equal_time_polyp_tiny/pooled_20min.yaml}
 [ -f "$ANCHOR" ] || { echo "error: $ANCHOR not found (the U-Net anchor ships with ../shared)" >&2; exit 1; }
 mkdir -p "$OUT"
 sed -e 's/^from shared_model.metrics import/from shared_model.training.metrics import/' \

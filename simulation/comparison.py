@@ -304,8 +304,9 @@ def train_personalised(raw: Mapping[str, Any], exp: Experiment, centres: list[st
     tuned = replace(exp.train, steps=cfg.finetune_steps, seed=seed, progress=False, proximal_mu=0.0, lr=lr)
     start = time.perf_counter()
     checkpoints, per_image = {}, []
+    global_model, _ = load_model_checkpoint(federated["checkpoint"])  # built once, copied per hospital
     for centre in centres:
-        model, _ = load_model_checkpoint(federated["checkpoint"])
+        model = copy.deepcopy(global_model)
         result = train_model(model, _dataset(exp, [centre], "train", seed), tuned, device=exp.federation.device)
         checkpoints[centre] = str(out / f"model-{centre}.pt")
         save_model_checkpoint(checkpoints[centre], model, extra={"steps": result.steps, "centres": [centre],

@@ -65,12 +65,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     sam = exp.model.sam
     splits = build_datasets(exp.data, sam.image_size, resize=sam.input_resize)
     print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), flush=True)
-    if exp.data.rehearsal_scenes:
-        from shared_model.data.scene_dataset import with_rehearsal
+    if exp.data.rehearsal_scenes or exp.data.negative_prompts:
+        from shared_model.data.negatives import site_training_set
 
-        rehearsal = with_rehearsal(splits["train"], exp.data.rehearsal_scenes, sam.image_size, exp.data.rehearsal_seed)
-        print(f"rehearsal: {len(rehearsal) - len(splits['train'])} synthetic scene items added to training", flush=True)
-        splits["train"] = rehearsal
+        train = site_training_set(splits["train"], exp.data, sam.image_size)
+        print(f"rehearsal: {len(train) - len(splits['train'])} synthetic scene items added to training; "
+              f"negative prompts: {exp.data.negative_prompts:.0%} of the own items", flush=True)
+        splits["train"] = train
     model = build_model(exp.model)
     result = train_model(model, splits["train"], exp.train, device=args.device)
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.loss:.4f}", flush=True)

@@ -176,11 +176,9 @@ def load_local_data(settings: RunSettings, node: NodeSettings, seed: int) -> Loc
     if cache is not None:
         for dataset in (train, val) if val is not None else (train,):
             validate_cached(dataset, cache)
-    if data.rehearsal_scenes:
-        from shared_model.data.scene_dataset import with_rehearsal
+    from shared_model.data.negatives import site_training_set
 
-        train = with_rehearsal(train, data.rehearsal_scenes, size, data.rehearsal_seed)
-    return LocalData(name, train, val)
+    return LocalData(name, site_training_set(train, data, size), val)
 
 
 @dataclass

@@ -183,12 +183,13 @@ def plan(cfg: CompareConfig, centres: list[str]) -> list[Job]:
 
 
 def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, augment: bool | None = None,
-             rehearsal: bool = True):
+             extras: bool = True):
     """The ``split`` ("train" or "test") of ``centres``, pooled (the run's seeded per-centre split).
 
     The training split is augmented if the data config says so (or ``augment``), prompted per
-    ``data.prompt_mode`` and followed by ``data.rehearsal_scenes`` synthetic scenes (if
-    ``rehearsal``); the test split is a scored set, prompted per ``data.eval_prompt``
+    ``data.prompt_mode``, with the rehearsal scenes and negative prompts of the data config (if
+    ``extras``; :func:`~shared_model.data.negatives.site_training_set`); the test split is a
+    scored set, prompted per ``data.eval_prompt``
     (:func:`~shared_model.data.dataset.evaluation_dataset`: the class name by default).
     """
     from shared_model.data.dataset import PolypDataset, evaluation_dataset
@@ -200,12 +201,12 @@ def _dataset(exp: Experiment, centres: list[str], split: str, seed: int = 0, aug
     if split != "train":
         return evaluation_dataset(samples, sam.image_size, data.eval_prompt, data.class_name, data.on_error,
                                   resize=sam.input_resize)
-    from shared_model.data.scene_dataset import with_rehearsal
+    from shared_model.data.negatives import site_training_set
 
     train = PolypDataset(samples, sam.image_size, augment=data.augment if augment is None else augment, seed=seed,
                          prompt_mode=data.prompt_mode, class_name=data.class_name, on_error=data.on_error,
                          resize=sam.input_resize)
-    return with_rehearsal(train, data.rehearsal_scenes if rehearsal else 0, sam.image_size, data.rehearsal_seed)
+    return site_training_set(train, data, sam.image_size) if extras else train
 
 
 def train_single_site(exp: Experiment, centres: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
@@ -341,7 +342,7 @@ def constant_baseline(exp: Experiment, train_centres: list[str], test_centres: l
     it, scored per image on ``test_centres``' test splits."""
     from shared_model.training.evaluate import fit_constant_mask, score_constant_mask
 
-    fit = fit_constant_mask(_dataset(exp, train_centres, "train", augment=False, rehearsal=False))
+    fit = fit_constant_mask(_dataset(exp, train_centres, "train", augment=False, extras=False))
     scored = score_constant_mask(fit["mask"], _dataset(exp, test_centres, "test"), resolution="original")
     keys = ("dice", "iou", "hd95")
     return {"baseline_fit": {"train_centres": list(train_centres), "train_images": fit["train_images"],

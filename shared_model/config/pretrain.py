@@ -38,7 +38,9 @@ RUNTIME_FIELDS = ("progress", "log_every", "save_every", "time_limit_s")
 # Fields added after the committed foundation was made, left out of the fingerprint while they
 # hold these values (their defaults, which give the weights the foundation was made with).
 LATER_FIELDS = {("model", "foundation"): None, ("model", "loss", "coarse"): 1.0,
-                ("data", "rehearsal_scenes"): 0, ("data", "rehearsal_seed"): 0}
+                ("data", "rehearsal_scenes"): 0, ("data", "rehearsal_seed"): 0,
+                ("data", "negative_prompts"): 0.0,
+                ("data", "negative_classes"): ["instrument", "breast tumour", "retinal blood vessels"]}
 
 
 @dataclass
@@ -142,6 +144,8 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     check_data(cfg.data)
     if cfg.data.rehearsal_scenes:
         raise ConfigError("data.rehearsal_scenes: pretraining draws its scenes from scenes.frames; leave it 0")
+    if cfg.data.negative_prompts:
+        raise ConfigError("data.negative_prompts: pretraining trains text selection on scenes.frames; leave it 0")
     if not cfg.data.sources and cfg.scenes.frames == 0:
         raise ConfigError("data.sources: name the public task folders (or set scenes.frames > 0)")
     if cfg.model.foundation:

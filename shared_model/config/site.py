@@ -72,6 +72,14 @@ class DataConfig:
     # added to every training set, so that adapting to one class keeps the text choosing the target.
     rehearsal_scenes: int = 0  # frames (each gives ~3 (image, prompt, target) items); 0 = off
     rehearsal_seed: int = 0  # seed of their frames
+    # Negative prompts (shared_model.data.negatives): this fraction of a site's own training items is
+    # prompted with a class its images do not show, the target then empty, so that the text keeps
+    # deciding what is segmented while the model adapts to one class. 0 = off.
+    negative_prompts: float = 0.0
+    # The absent classes drawn from (the item's own class is never drawn). "instrument": endoscopy
+    # frames can show one, but the datasets' masks never mark it.
+    negative_classes: list[str] = field(
+        default_factory=lambda: ["instrument", "breast tumour", "retinal blood vessels"])
 
 
 @dataclass
@@ -158,6 +166,9 @@ def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
         ("class_name", cfg.class_name is None or bool(cfg.class_name.strip()),
          "must be a non-empty string, or unset (each task's class name)"),
         ("rehearsal_scenes", cfg.rehearsal_scenes >= 0, "must be >= 0 (0 = no rehearsal)"),
+        ("negative_prompts", 0.0 <= cfg.negative_prompts < 1.0, "must be in [0, 1) (0 = no negative prompts)"),
+        ("negative_classes", not cfg.negative_prompts or any(str(c).strip() for c in cfg.negative_classes),
+         "must name at least one class when negative_prompts > 0"),
     ], prefix)
     check_tasks(cfg, prefix)
 

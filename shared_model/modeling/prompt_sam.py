@@ -374,24 +374,28 @@ class PromptSAM(nn.Module):
         return merged, iou
 
     def compute_losses(
-        self, out: PromptSAMOutput, masks: torch.Tensor
+        self, out: PromptSAMOutput, masks: torch.Tensor, paired: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted training loss.
 
         Args:
             out: Forward output.
             masks: B x 1 x S x S ground truth in {0, 1}.
+            paired: Optional B bool: False where the text does not describe the image (a negative
+                prompt, :mod:`shared_model.data.negatives`); those rows are left out of the
+                image/text contrastive loss. None: every row is a pair.
 
         Returns:
             (scalar loss, dict of each unweighted part and the total as floats).
         """
-        loss, terms = self.compute_loss_terms(out, masks)
+        loss, terms = self.compute_loss_terms(out, masks, paired)
         return loss, {name: float(value) for name, value in terms.items()}
 
     def compute_loss_terms(
-        self, out: PromptSAMOutput, masks: torch.Tensor
+        self, out: PromptSAMOutput, masks: torch.Tensor, paired: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`compute_losses` with the parts as detached scalar tensors (no host sync: vmap-safe)."""
+        """:meth:`compute_losses` with the parts as detached scalar tensors (no host sync, and so
+        vmap-safe, when ``paired`` is None)."""
         cfg = self.cfg.loss
         logits = out.mask_logits.float()
         parts = {
@@ -405,10 +409,14 @@ class PromptSAM(nn.Module):
         if out.kl is not None:
             parts["ib"] = ib_loss(out.kl.float(), out.ib_cos, self.cfg.bottleneck.beta)
             parts["saliency"] = L.saliency_loss(out.refined_saliency.float(), masks)
-        if out.image_embedding is not None and out.image_embedding.shape[0] > 1:
+        image_emb, text_emb = out.image_embedding, out.text_embedding
+        if image_emb is not None and paired is not None:
+            keep = paired.to(image_emb.device, torch.bool)
+            image_emb, text_emb = image_emb[keep], text_emb[keep]
+        if image_emb is not None and image_emb.shape[0] > 1:
             parts["nce"] = L.dhn_nce(
-                out.image_embedding.float(),
-                out.text_embedding.float(),
+                image_emb.float(),
+                text_emb.float(),
                 cfg.nce_tau,
                 cfg.nce_beta1,
                 cfg.nce_beta2,

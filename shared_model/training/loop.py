@@ -162,7 +162,7 @@ class GradientStep:
         masks = batch["mask"].to(self.device, non_blocking=True)
         with autocast_for(self.device, self.cfg.amp):
             out = model(images, batch["text"], **model.oracle_prompts(masks))
-        loss, parts = model.compute_losses(out, masks)
+        loss, parts = model.compute_losses(out, masks, batch.get("paired"))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}: {parts}")
         loss.backward()

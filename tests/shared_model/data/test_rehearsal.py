@@ -59,7 +59,7 @@ def test_a_hospital_trains_on_rehearsal_scenes_but_weighs_and_scores_only_its_ow
     # The comparison's training split carries them too, its constant-mask fit does not.
     exp = SimpleNamespace(data=data, partition=PartitionConfig(), model={"preset": "tiny"})
     assert isinstance(comparison_dataset(exp, ["centre_0"], "train"), RehearsalDataset)
-    assert isinstance(comparison_dataset(exp, ["centre_0"], "train", rehearsal=False), PolypDataset)
+    assert isinstance(comparison_dataset(exp, ["centre_0"], "train", extras=False), PolypDataset)
     assert isinstance(comparison_dataset(exp, ["centre_0"], "test"), PolypDataset)
 
 

@@ -1,0 +1,106 @@
+"""A site's training set as the training loop reads it: its own items, rehearsal scenes, and
+negative prompts.
+
+A hospital's frames all show one class, prompted by one name: trained on them alone, the model
+learns to segment whatever the text says, and the text stops choosing the target. Negative prompts
+keep it choosing: a seeded fraction of the site's own items is prompted with a class the image does
+not show (``data.negative_classes``: ``"instrument"`` in a colonoscopy frame, ``"breast tumour"``)
+and trained against an empty mask. The prompt keeps its form: the own class name is swapped for the
+absent one inside the item's text (``"a large red polyp ..."`` -> ``"a large red instrument ..."``).
+
+Negative items carry ``paired = False``: their text does not describe their image, so the
+image/text contrastive loss leaves them out (:meth:`~shared_model.modeling.prompt_sam.PromptSAM.compute_losses`).
+Rehearsal scenes (:mod:`shared_model.data.scene_dataset`) are never negated: a scene may show any kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shared_model.data.scene_dataset import own_examples, with_rehearsal
+
+_STREAM = 0x6E6567  # separates this draw from the augmentation's (seed, epoch, index) stream
+
+
+class NegativePrompts(Dataset):
+    """``inner`` with a seeded ``fraction`` of its first ``own`` items turned into negatives.
+
+    Items are ``inner``'s dicts plus ``paired``: a bool tensor, False for a negative (text naming
+    an absent class, ``mask`` all zeros). Which items are negatives, and which class each names,
+    is drawn from ``(seed, epoch, index)``: the same in any process, new in each epoch
+    (:meth:`set_epoch`).
+
+    Args:
+        inner: The site's training set (its own items first, e.g. a RehearsalDataset).
+        fraction: Probability in [0, 1) that an own item is a negative.
+        classes: Absent class names to draw from; an item's own class is never drawn.
+        own_class: ``index -> the class name the item's text uses`` (its task's, or the override).
+        seed: Seed of the draws.
+    """
+
+    def __init__(self, inner: Dataset, fraction: float, classes: Sequence[str],
+                 own_class: Any, seed: int = 0) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"negative prompt fraction must be in [0, 1), got {fraction}")
+        self.classes = [c.strip() for c in classes if c.strip()]
+        if not self.classes:
+            raise ValueError("negative prompts need at least one absent class name")
+        self.inner, self.fraction, self.own_class, self.seed = inner, float(fraction), own_class, seed
+        self.own = getattr(inner, "own", inner)  # own_examples() counts the site's images only
+        self.n_own = own_examples(inner)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def centres(self) -> list[str]:
+        return self.inner.centres() if hasattr(self.inner, "centres") else []
+
+    def negative_class(self, index: int) -> str | None:
+        """The absent class item ``index`` names in this epoch, or None when it stays positive."""
+        if not 0 <= index < self.n_own:
+            return None
+        own = self.own_class(index).lower()
+        candidates = [c for c in self.classes if c.lower() != own]
+        rng = np.random.default_rng([self.seed, self.epoch, index, _STREAM])
+        if not candidates or rng.random() >= self.fraction:
+            return None
+        return candidates[int(rng.integers(len(candidates)))]
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.inner[index])
+        absent = self.negative_class(index)
+        if absent is not None:
+            own = self.own_class(index)
+            text = item["text"]
+            item["text"] = text.replace(own, absent, 1) if own in text else absent
+            item["mask"] = torch.zeros_like(item["mask"])
+        item["paired"] = torch.tensor(absent is None)
+        return item
+
+
+def site_training_set(train: Dataset, data: Any, image_size: int) -> Dataset:
+    """A site's own training set with what ``data`` (a DataConfig) adds to it for training.
+
+    ``data.rehearsal_scenes`` synthetic scenes appended, then
+    ``data.negative_prompts`` of the own items negated (:class:`NegativePrompts`); ``train``
+    itself when both are off. ``train`` is a PolypDataset: its ``class_name`` override, else each
+    sample's task, gives the class name its prompts use.
+    """
+    out = with_rehearsal(train, data.rehearsal_scenes, image_size, data.rehearsal_seed)
+    if not data.negative_prompts:
+        return out
+
+    def own_class(index: int) -> str:
+        return train.class_name or train.samples[index].task.class_name
+
+    return NegativePrompts(out, data.negative_prompts, data.negative_classes, own_class, seed=train.seed)

@@ -100,7 +100,7 @@ def run_job(raw: dict[str, Any], row: str, seed: int, centres: list[str], steps:
     """Train one row with one seed and test it on every centre (runs in a worker process)."""
     import torch
 
-    from simulation.comparison import evaluate_checkpoint, train_single_site
+    from simulation.compare_jobs import evaluate_checkpoint, train_single_site
 
     torch.set_num_threads(threads)
     exp = parse_experiment(copy.deepcopy(raw), f"ablation row {row}")
@@ -172,7 +172,8 @@ def run_ablation(config: str | Path, out: str | Path, overrides: Mapping[str, An
     Raises:
         ConfigError: A bad experiment file, or ``out`` holds an ablation of another config.
     """
-    from simulation.comparison import centres_of, constant_baseline, environment
+    from simulation.compare_jobs import constant_baseline
+    from simulation.comparison import centres_of, environment
 
     exp, cfg, raw = load_ablation(config, overrides)
     out = Path(out).resolve()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from shared_model.config import ConfigError
-from simulation import comparison
+from simulation import compare_jobs, comparison
 from simulation.comparison import CompareConfig, load_comparison, plan, run_comparison
 from simulation.comparison_report import table_rows
 
@@ -134,8 +134,8 @@ def test_personalised_fedavg_fine_tunes_the_global_model_at_each_hospital_within
     assert again["finetune_lr"] == 0.001 and again["federated_checkpoint"] == job["federated_checkpoint"]
     assert again["global_val_dice_by_round"] == job["global_val_dice_by_round"]
     run_config = json.loads((Path(job["federated_checkpoint"]).parent / "run_config.json").read_text())
-    assert comparison.finished_run_seconds(Path(job["federated_checkpoint"]).parent, run_config) is not None
-    assert comparison.finished_run_seconds(Path(job["federated_checkpoint"]).parent,
+    assert compare_jobs.finished_run_seconds(Path(job["federated_checkpoint"]).parent, run_config) is not None
+    assert compare_jobs.finished_run_seconds(Path(job["federated_checkpoint"]).parent,
                                            {**run_config, "local-steps": 3}) is None
     assert "then 1 steps at peak learning rate 0.001" in (out / "table.md").read_text()
 
@@ -172,7 +172,7 @@ def test_constant_mask_baseline_rows_per_centre_from_each_jobs_own_training_spli
 
     from shared_model.config import DataConfig, PartitionConfig
     from shared_model.training import evaluate
-    from simulation.comparison import _dataset, constant_baseline
+    from simulation.compare_jobs import comparison_dataset as _dataset, constant_baseline
     from simulation.comparison_report import markdown
 
     exp = SimpleNamespace(data=DataConfig(root=str(synthetic_root), val_fraction=0.25, test_fraction=0.25),

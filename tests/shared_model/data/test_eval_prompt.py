@@ -14,7 +14,7 @@ from shared_model.config import (ConfigError, DataConfig, FederationConfig, Part
                                  from_run_config, to_run_config)
 from shared_model.data import build_datasets, evaluation_dataset, list_samples
 from shared_model.data.tasks import Task
-from simulation.comparison import _dataset as comparison_dataset
+from simulation.compare_jobs import comparison_dataset
 
 
 def _data(root, **kwargs) -> DataConfig:

@@ -18,7 +18,7 @@ from shared_model.data.negatives import NegativePrompts, site_training_set
 from shared_model.data.scene_dataset import SCENE_CENTRE, own_examples
 from shared_model.modeling.prompt_sam import build_model
 from shared_model.training.loop import infinite_batches, make_loader
-from simulation.comparison import _dataset as comparison_dataset
+from simulation.compare_jobs import comparison_dataset
 
 CLASSES = ["instrument", "breast tumour", "retinal blood vessels"]
 

@@ -17,7 +17,7 @@ from shared_model.data.dataset import PolypDataset
 from shared_model.data.folder import list_samples
 from shared_model.data.scene_dataset import SCENE_CENTRE, RehearsalDataset, SceneDataset, own_examples, with_rehearsal
 from shared_model.training.loop import infinite_batches, make_loader
-from simulation.comparison import _dataset as comparison_dataset
+from simulation.compare_jobs import comparison_dataset
 
 
 def test_rehearsal_appends_scenes_counts_own_images_and_keeps_augmenting_the_own_set(synthetic_root):

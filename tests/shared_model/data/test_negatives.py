@@ -112,3 +112,25 @@ def test_bad_negative_prompt_settings_are_named(data, message):
     parse_experiment({"model": {"preset": "tiny"}, "data": {"negative_prompts": 0.2}}, "x.yaml")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         parse_experiment({"model": {"preset": "tiny"}, "data": data}, "x.yaml")
+
+
+def test_local_dp_trains_with_negative_prompts(tmp_path, one_thread):
+    import json
+
+    from client.app import app as client_app
+    from server.loop import FederatedServer
+    from shared_model.config import from_run_config
+    from simulation.experiment import PROJECT_ROOT, prepare_run
+    from simulation.inprocess import InProcessGrid
+
+    exp, run_dir = prepare_run(PROJECT_ROOT / "simulation" / "configs" / "demo.yaml", {
+        "federation.num_server_rounds": 1, "federation.local_steps": 2, "federation.fraction_evaluate": 0.0,
+        "federation.global_eval": "none", "train.batch_size": 4, "synthetic.per_centre": 8,
+        "synthetic.image_size": 64, "data.negative_prompts": 0.5, "model.loss": {"nce": 0.0},
+        "privacy": {"local_dp": True, "epsilon": 8.0, "delta": 1e-3, "planned_steps": 2},
+    }, tmp_path)
+    run_config = exp.run_config()
+    FederatedServer(from_run_config(run_config), run_config).run(InProcessGrid(client_app, run_config, 3))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 3 and all(r["accepted"] and 0 < r["epsilon"] <= 8.0 for r in train)

@@ -55,6 +55,9 @@ def cmd_text_selection(args: argparse.Namespace) -> int:
     print(f"scenes: {args.scenes} held-out frames (seed {args.scene_seed}, {info['image_size']} px), "
           f"{result['prompts']} prompts; other = the best-matching other target of the same frame", flush=True)
     print(S.format_selection_table(result["summary"]))
+    if info.get("text_similarity"):
+        print("text embeddings (cosine similarity; near 1 everywhere: the text cannot change the output):")
+        print(S.format_similarity(info["text_similarity"]))
     for group in S.GROUPS:
         s = result["summary"].get(group)
         if s is not None:

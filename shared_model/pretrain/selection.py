@@ -46,6 +46,9 @@ Predictor = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 DEFAULT_SCENE_SEED = 12345  # the tiny foundation's pretraining drew its scenes from seed 0
 DEFAULT_MARGIN = 0.3  # issue 13's target: the named target's Dice at least 0.3 above the other's
 GROUPS = {"kind": ("kind",), "attribute": ("size", "colour", "location")}
+# Prompts whose text embeddings text_similarity compares: the kind prompts, bare class names, and a
+# class of another task.
+SIMILARITY_PROMPTS = ("the polyp", "the instrument", "polyp", "instrument", "breast tumour")
 RULE_GROUP = {rule: group for group, rules in GROUPS.items() for rule in rules}
 THRESHOLD = 0.5
 
@@ -276,15 +279,40 @@ def checkpoint_predictor(path: str | Path, device: str | torch.device = "cpu") -
         return torch.sigmoid(out.mask_logits.float())
 
     cfg = model.cfg
+    similarity = text_similarity(model) if model.uses_text else None
     seed = pretraining_scene_seed(foundation_folder(cfg.foundation)) if cfg.foundation else None
     info = {"source": "checkpoint", "checkpoint": str(path), "preset": cfg.preset, "image_size": cfg.sam.image_size,
             "foundation": cfg.foundation, "digest": model.foundation_digest, "pretraining_scene_seed": seed,
             "path": "PromptSAM.forward(images, texts), as evaluation prompts it",
             "prompt_paths": {"text_tokens": p.text_tokens, "dense_saliency": p.dense_saliency,
-                             "boxes": p.box_source if p.use_boxes else None}}
+                             "boxes": p.box_source if p.use_boxes else None},
+            "text_similarity": similarity}
     return predict, info
 
 
+def text_similarity(model: Any, texts: Sequence[str] = SIMILARITY_PROMPTS) -> dict[str, Any]:
+    """Cosine similarity between a PromptSAM's text embeddings (``encode_text``: B x D) of ``texts``.
+
+    Near 1 everywhere means the text tower maps every prompt to one point: no prompt can then
+    change the output, whatever the decoder learned.
+
+    Returns:
+        ``{"texts": [...], "cosine": len(texts) x len(texts) nested list}``.
+    """
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model.encode_text(list(texts)).float(), dim=-1)
+    return {"texts": list(texts), "cosine": [[round(float(x), 4) for x in row] for row in emb @ emb.T]}
+
+
+def format_similarity(similarity: dict[str, Any]) -> str:
+    """A Markdown table of :func:`text_similarity`'s matrix."""
+    texts = similarity["texts"]
+    lines = ["| cosine | " + " | ".join(f'"{t}"' for t in texts) + " |", "|---" * (len(texts) + 1) + "|"]
+    lines += [f'| "{t}" | ' + " | ".join(f"{x:.3f}" for x in row) + " |"
+              for t, row in zip(texts, similarity["cosine"])]
+    return "\n".join(lines)
+
+
 __all__ = ["DEFAULT_MARGIN", "DEFAULT_SCENE_SEED", "GROUPS", "Predictor", "check_held_out", "checkpoint_predictor",
-           "dice", "format_selection_table", "foundation_predictor", "pretraining_scene_seed", "score_prediction",
-           "summarise", "text_selection"]
+           "dice", "format_selection_table", "format_similarity", "foundation_predictor", "pretraining_scene_seed",
+           "score_prediction", "summarise", "text_selection", "text_similarity"]

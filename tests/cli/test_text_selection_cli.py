@@ -42,6 +42,28 @@ def test_runs_on_a_random_init_checkpoint(random_checkpoint, tmp_path, capsys, o
     assert "| prompts | n | Dice named | Dice other (best) |" in printed and "| kind |" in printed
     report = _check_report(out, 2, "checkpoint")
     assert report["model"]["prompt_paths"]["boxes"] == "saliency"  # the tiny preset's paths, as configured
+    sim = report["model"]["text_similarity"]
+    n = len(sim["texts"])
+    assert sim["texts"][:2] == ["the polyp", "the instrument"] and "text embeddings (cosine similarity" in printed
+    assert all(sim["cosine"][i][i] == pytest.approx(1.0, abs=1e-3) for i in range(n))
+    assert all(sim["cosine"][i][j] == pytest.approx(sim["cosine"][j][i], abs=1e-4) for i in range(n) for j in range(n))
+
+
+def test_text_similarity_is_one_between_equal_embeddings_and_follows_the_text_tower():
+    import torch
+
+    from shared_model.pretrain.selection import text_similarity
+
+    class Constant:
+        def encode_text(self, texts):
+            return torch.ones(len(texts), 4)
+
+    assert text_similarity(Constant(), ["a", "b"])["cosine"] == [[1.0, 1.0], [1.0, 1.0]]
+    model = build_model("tiny").eval()  # no dropout: both sides see the same embeddings
+    sim = text_similarity(model, ["polyp", "instrument"])["cosine"]
+    with torch.no_grad():
+        e = model.encode_text(["polyp", "instrument"])
+    assert sim[0][1] == pytest.approx(float(torch.cosine_similarity(e[0], e[1], dim=0)), abs=1e-4)
 
 
 def test_runs_on_the_tiny_foundation(tmp_path, capsys, one_thread):

@@ -69,8 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from shared_model.data.negatives import site_training_set
 
         train = site_training_set(splits["train"], exp.data, sam.image_size)
-        print(f"rehearsal: {len(train) - len(splits['train'])} synthetic scene items added to training; "
-              f"negative prompts: {exp.data.negative_prompts:.0%} of the own items", flush=True)
+        added = []
+        if exp.data.rehearsal_scenes:
+            added.append(f"rehearsal: {len(train) - len(splits['train'])} synthetic scene items")
+        if exp.data.negative_prompts:
+            added.append(f"negative prompts: {exp.data.negative_prompts:.0%} of the own items")
+        print("training set: " + "; ".join(added), flush=True)
         splits["train"] = train
     model = build_model(exp.model)
     result = train_model(model, splits["train"], exp.train, device=args.device)

@@ -134,3 +134,17 @@ def test_local_dp_trains_with_negative_prompts(tmp_path, one_thread):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 3 and all(r["accepted"] and 0 < r["epsilon"] <= 8.0 for r in train)
+
+
+def test_promptsam_train_says_what_its_training_set_adds(synthetic_root, tmp_path, capsys, one_thread):
+    import yaml
+
+    from cli.main import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": {
+        "root": str(synthetic_root), "rehearsal_scenes": 2, "negative_prompts": 0.5}}))
+    assert main(["train", "--config", str(config), "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "run"),
+                 "--device", "cpu"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("training set: "))
+    assert "rehearsal: " in line and "synthetic scene items; negative prompts: 50% of the own items" in line

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from shared_model.config.model import ModelConfig, model_config_from_dict
 from shared_model.config.experiment import apply_overrides
 from shared_model.config.parse import ConfigError, _coerce, _raise_first, blame_overrides, from_dict, load_yaml, to_dict
-from shared_model.config.site import DataConfig, check_data
+from shared_model.config.site import DEFAULT_NEGATIVE_CLASSES, DataConfig, check_data
 
 SECTIONS = ("model", "data", "scenes", "pretrain", "forbidden_roots")
 DEFAULT_FORBIDDEN_ROOTS = ("../shared/data/polyp",)
@@ -40,7 +40,7 @@ RUNTIME_FIELDS = ("progress", "log_every", "save_every", "time_limit_s")
 LATER_FIELDS = {("model", "foundation"): None, ("model", "loss", "coarse"): 1.0,
                 ("data", "rehearsal_scenes"): 0, ("data", "rehearsal_seed"): 0,
                 ("data", "negative_prompts"): 0.0,
-                ("data", "negative_classes"): ["instrument", "breast tumour", "retinal blood vessels"]}
+                ("data", "negative_classes"): list(DEFAULT_NEGATIVE_CLASSES)}
 
 
 @dataclass

@@ -13,6 +13,9 @@ EVAL_PROMPTS = ("class", "oracle-caption")
 
 
 DEFAULT_DATA_ROOT = "../shared/data/polyp"
+# Absent classes of negative prompts (``DataConfig.negative_classes``). "instrument": endoscopy frames
+# can show one, but the datasets' masks never mark it.
+DEFAULT_NEGATIVE_CLASSES = ("instrument", "breast tumour", "retinal blood vessels")
 CAPTION_STYLES = ("objects", "network")  # of user-defined tasks (the "polyp" style is the polyp task's)
 # Names of the built-in tasks of shared_model.data.tasks.TASKS (kept here so that parsing a config
 # does not import the data package).
@@ -76,10 +79,8 @@ class DataConfig:
     # prompted with a class its images do not show, the target then empty, so that the text keeps
     # deciding what is segmented while the model adapts to one class. 0 = off.
     negative_prompts: float = 0.0
-    # The absent classes drawn from (the item's own class is never drawn). "instrument": endoscopy
-    # frames can show one, but the datasets' masks never mark it.
-    negative_classes: list[str] = field(
-        default_factory=lambda: ["instrument", "breast tumour", "retinal blood vessels"])
+    # The absent classes drawn from (the item's own class is never drawn).
+    negative_classes: list[str] = field(default_factory=lambda: list(DEFAULT_NEGATIVE_CLASSES))
 
 
 @dataclass

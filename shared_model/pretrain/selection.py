@@ -46,10 +46,10 @@ Predictor = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 DEFAULT_SCENE_SEED = 12345  # the tiny foundation's pretraining drew its scenes from seed 0
 DEFAULT_MARGIN = 0.3  # issue 13's target: the named target's Dice at least 0.3 above the other's
 GROUPS = {"kind": ("kind",), "attribute": ("size", "colour", "location")}
+RULE_GROUP = {rule: group for group, rules in GROUPS.items() for rule in rules}
 # Prompts whose text embeddings text_similarity compares: the kind prompts, bare class names, and a
 # class of another task.
 SIMILARITY_PROMPTS = ("the polyp", "the instrument", "polyp", "instrument", "breast tumour")
-RULE_GROUP = {rule: group for group, rules in GROUPS.items() for rule in rules}
 THRESHOLD = 0.5
 
 

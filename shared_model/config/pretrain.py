@@ -35,12 +35,17 @@ DEFAULT_FORBIDDEN_ROOTS = ("../shared/data/polyp",)
 # Fields of ``pretrain`` that do not change the weights a run produces (time_limit_s only stops a
 # run early; the provenance records the steps actually taken).
 RUNTIME_FIELDS = ("progress", "log_every", "save_every", "time_limit_s")
+# Class names the text prompts of pretraining may name where the image does not show them
+# (``pretrain.negative_prompts``): every task's class and the scenes' two kinds.
+PRETRAIN_NEGATIVE_CLASSES = ("polyp", "instrument", "breast tumour", "retinal blood vessels")
 # Fields added after the committed foundation was made, left out of the fingerprint while they
 # hold these values (their defaults, which give the weights the foundation was made with).
 LATER_FIELDS = {("model", "foundation"): None, ("model", "loss", "coarse"): 1.0,
                 ("data", "rehearsal_scenes"): 0, ("data", "rehearsal_seed"): 0,
                 ("data", "negative_prompts"): 0.0,
-                ("data", "negative_classes"): list(DEFAULT_NEGATIVE_CLASSES)}
+                ("data", "negative_classes"): list(DEFAULT_NEGATIVE_CLASSES),
+                ("pretrain", "negative_prompts"): 0.0,
+                ("pretrain", "negative_classes"): list(PRETRAIN_NEGATIVE_CLASSES)}
 
 
 @dataclass
@@ -76,6 +81,12 @@ class PretrainTrainConfig:
     box_jitter: float = 0.1  # box corners move by up to this fraction of the box side
     negative_point: float = 0.5  # probability of a background click next to the foreground one
     class_prompt_fraction: float = 0.5  # text prompts of task items: the class name, else the caption
+    # Fraction of the rows of a text-prompted batch whose prompt names a class the image does not
+    # show (own class name swapped for one of negative_classes), trained against an empty mask: the
+    # text tower must then tell the classes of different tasks apart, which segmentation with
+    # positive prompts alone never asks (a busi image never meets the word "polyp").
+    negative_prompts: float = 0.0
+    negative_classes: list[str] = field(default_factory=lambda: list(PRETRAIN_NEGATIVE_CLASSES))
     # Loss weights: SAM's mask (Dice + BCE), its IoU head, and the CLIP contrastive loss.
     dice: float = 1.0
     bce: float = 0.2  # at 1 the background-dominated BCE drives the first steps to empty masks (LossConfig.bce)
@@ -165,6 +176,10 @@ def check_pretrain(cfg: PretrainConfig) -> None:
         ("box_jitter", 0.0 <= t.box_jitter < 1.0, "must be in [0, 1)"),
         ("negative_point", 0.0 <= t.negative_point <= 1.0, "must be in [0, 1]"),
         ("class_prompt_fraction", 0.0 <= t.class_prompt_fraction <= 1.0, "must be in [0, 1]"),
+        ("negative_prompts", 0.0 <= t.negative_prompts < 1.0, "must be in [0, 1)"),
+        ("negative_classes", not t.negative_prompts or len({str(c).strip().lower() for c in t.negative_classes
+                                                           if str(c).strip()}) >= 2,
+         "name at least two class names (an item's own class is never drawn)"),
         ("dice", t.dice >= 0, "must be >= 0"),
         ("bce", t.bce >= 0, "must be >= 0"),
         ("iou", t.iou >= 0, "must be >= 0"),

@@ -23,6 +23,8 @@ from shared_model.data.sources import data_sources
 from shared_model.data.splits import build_splits
 
 PROMPT_KINDS = ("box", "point", "text")
+SCENE_KINDS = ("polyp", "instrument")  # what a scene may show: never named as absent in one
+_NEGATIVE_STREAM = 0x6E6567  # negatives' own draw: the batches of a run without them stay as they were
 
 
 @dataclass
@@ -125,7 +127,7 @@ class PretrainData:
         t = self.cfg.pretrain
         rng = np.random.default_rng([t.seed, step])
         n_task = round(t.batch_size * t.task_fraction) if self.scenes is not None else t.batch_size
-        items, captions, clip_rows = [], [], []
+        items, captions, clip_rows, own = [], [], [], []
         if self.tasks is not None and n_task:
             self.tasks.set_epoch(step)
             centres = list(self.by_centre)
@@ -138,18 +140,57 @@ class PretrainData:
                 clip_rows.append(len(items))
                 captions.append(caption)
                 items.append((item, class_prompt if rng.random() < t.class_prompt_fraction else caption))
+                own.append((self.tasks.samples[index].task.class_name,))
         for _ in range(t.batch_size - len(items)):
             item = self.scenes[int(rng.integers(len(self.scenes)))]
             if t.clip_on_scenes:
                 clip_rows.append(len(items))
                 captions.append(item["text"])
             items.append((item, item["text"]))
+            own.append(SCENE_KINDS)
         images = torch.stack([it["image"] for it, _ in items])
         masks = torch.stack([it["mask"] for it, _ in items])
+        texts = [text for _, text in items]
         kind = PROMPT_KINDS[int(rng.choice(len(PROMPT_KINDS), p=self.kind_p))]
         boxes = jittered_boxes(masks, t.box_jitter, rng) if kind == "box" else None
         points = sample_points(masks, t.negative_point, rng) if kind == "point" else None
-        return PretrainBatch(images, masks, kind, [text for _, text in items], boxes, points, captions, clip_rows)
+        if kind == "text" and t.negative_prompts:
+            masks = negate_prompts(texts, masks, own, t.negative_prompts, t.negative_classes,
+                                   np.random.default_rng([t.seed, step, _NEGATIVE_STREAM]))
+        return PretrainBatch(images, masks, kind, texts, boxes, points, captions, clip_rows)
+
+
+def negate_prompts(texts: list[str], masks: torch.Tensor, own: list[tuple[str, ...]], fraction: float,
+                   classes: list[str], rng: np.random.Generator) -> torch.Tensor:
+    """Turn a ``fraction`` of a text batch's rows into negatives, in place for ``texts``.
+
+    A negative row's prompt names a class its image does not show (the first own class name in
+    the text swapped for it, else the bare class name) and its target is the empty mask. CLIP's
+    pairs are the captions, not these prompts, and are left as they are.
+
+    Args:
+        texts: B prompts (changed in place).
+        masks: B x 1 x S x S targets.
+        own: Per row, the class names its image may show (never drawn as absent).
+        fraction: Probability that a row is negated.
+        classes: Class names to draw the absent one from.
+        rng: The step's negatives generator.
+
+    Returns:
+        The masks with the negated rows zeroed (a new tensor when any row is negated).
+    """
+    out = masks
+    for i, names in enumerate(own):
+        lower = {n.lower() for n in names}
+        candidates = [c for c in classes if c.strip() and c.lower() not in lower]
+        if not candidates or rng.random() >= fraction:
+            continue
+        absent = candidates[int(rng.integers(len(candidates)))]
+        present = next((n for n in names if n in texts[i]), None)
+        texts[i] = texts[i].replace(present, absent, 1) if present else absent
+        out = out.clone() if out is masks else out
+        out[i] = 0
+    return out
 
 
 def jittered_boxes(masks: torch.Tensor, jitter: float, rng: np.random.Generator) -> torch.Tensor:

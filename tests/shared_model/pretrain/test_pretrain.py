@@ -27,7 +27,8 @@ from shared_model.config.site import DataConfig, SourceConfig
 from shared_model.modeling.biomedclip import create_open_clip
 from shared_model.modeling.prompt_sam import build_model
 from shared_model.modeling.sam import build_sam_parts
-from shared_model.pretrain.data import PretrainData, check_forbidden, jittered_boxes, sample_points
+from shared_model.pretrain.data import (SCENE_KINDS, PretrainData, check_forbidden, jittered_boxes, negate_prompts,
+                                        sample_points)
 from shared_model.pretrain.export import read_provenance, sha256_file
 from shared_model.pretrain.run import STATE, pretrain
 
@@ -196,6 +197,45 @@ def test_prompts_follow_the_masks():
     xn, yn = coords[0, 1].long().tolist()
     assert masks[0, 0, yn, xn] == 0
     assert labels[1].tolist() == [1, -1] and labels[2].tolist() == [-1, 0]
+
+
+def test_negative_prompts_name_an_absent_class_against_an_empty_mask():
+    texts = ["a small breast tumour in an ultrasound image", "the large polyp", "retinal blood vessels"]
+    own = [("breast tumour",), SCENE_KINDS, ("retinal blood vessels",)]
+    masks = torch.ones(3, 1, 8, 8)
+    classes = ["polyp", "instrument", "breast tumour", "retinal blood vessels"]
+    out = negate_prompts(texts, masks, own, 0.999, classes, np.random.default_rng(0))
+    assert out.sum() == 0 and masks.sum() == 3 * 64  # the batch's own tensor is left alone
+    assert texts[0].startswith("a small ") and texts[0].endswith(" in an ultrasound image")
+    assert "breast tumour" not in texts[0]
+    assert texts[1].startswith("the large ") and texts[1][len("the large "):] in ("breast tumour", "retinal blood vessels")
+    assert texts[2] in ("polyp", "instrument", "breast tumour")
+    kept, one = ["the polyp"], torch.ones(1, 1, 8, 8)
+    assert negate_prompts(kept, one, [SCENE_KINDS], 0.0, classes, np.random.default_rng(0)) is one
+    assert kept == ["the polyp"]
+
+
+def test_negative_prompts_change_only_text_batches_and_leave_other_runs_alone(synthetic_root):
+    base = small_config(synthetic_root, prompt_weights=[0.0, 0.0, 1.0])
+    neg = dataclasses.replace(base, pretrain=dataclasses.replace(base.pretrain, negative_prompts=0.5))
+    plain, negated = PretrainData(base), PretrainData(neg)
+    changed = 0
+    for step in range(6):
+        a, b = plain.batch(step), negated.batch(step)
+        assert torch.equal(a.images, b.images) and a.captions == b.captions  # CLIP pairs untouched
+        for ta, tb, ma, mb in zip(a.texts, b.texts, a.masks, b.masks):
+            if ta != tb:
+                changed += 1
+                assert mb.sum() == 0
+            else:
+                assert torch.equal(ma, mb)
+    assert changed > 0
+    assert pretrain_fingerprint(neg) != pretrain_fingerprint(base)
+    boxes = dataclasses.replace(neg, pretrain=dataclasses.replace(neg.pretrain, prompt_weights=[1.0, 0.0, 0.0]))
+    assert all(PretrainData(boxes).batch(s).masks.sum() > 0 for s in range(3))  # box batches never negated
+    with pytest.raises(ConfigError, match=r"pretrain.negative_prompts: must be in \[0, 1\)"):
+        pretrain_config_from_dict({"pretrain": {"negative_prompts": 1.0}, "scenes": {"frames": 2},
+                                   "data": {"sources": []}})
 
 
 def test_committed_foundation_is_what_its_config_produces():

@@ -79,6 +79,7 @@ class SceneDataset(Dataset):
             raise ValueError(f"no prompt of rules {list(rules)} in {n_frames} frame(s)")
         self._images = [s.image for s in scenes]
         self._labels = [s.label_map() for s in scenes]
+        self._captions = [s.caption() for s in scenes]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -91,6 +92,11 @@ class SceneDataset(Dataset):
         image = torch.from_numpy(self._images[item.frame]).permute(2, 0, 1).float().div_(255.0)
         return {"image": image, "mask": self._target(item.frame, item.target), "text": item.text,
                 "stem": f"scene_{item.frame:05d}_{index:06d}", "centre": SCENE_CENTRE}
+
+    def frame_caption(self, index: int) -> str:
+        """The caption of item ``index``'s whole frame (:meth:`~shared_model.data.scenes.Scene.caption`),
+        naming every target: what CLIP pairs with the frame, where the item's prompt names one target."""
+        return self._captions[self.items[index].frame]
 
     def distractor_mask(self, index: int) -> torch.Tensor | None:
         """1 x S x S float mask of another target of item ``index``'s frame (see

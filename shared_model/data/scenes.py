@@ -97,6 +97,9 @@ class ScenePrompt:
     rule: str
 
 
+_COUNTS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
 @dataclass
 class Scene:
     """A frame (S x S x 3 uint8), its targets and the prompts that each name one of them."""
@@ -114,6 +117,15 @@ class Scene:
             return None
         polyps = [i for i in others if self.targets[i].kind == "polyp"]
         return max(polyps, key=lambda i: self.targets[i].area) if polyps else others[0]
+
+    def caption(self) -> str:
+        """The whole frame in words, naming every target's kind and none in particular, e.g.
+        ``"two polyps and an instrument in a colonoscopy image"`` (CLIP's caption of the frame)."""
+        n = sum(t.kind == "polyp" for t in self.targets)
+        parts = [f"{_COUNTS[n]} polyps" if n > 1 else "a polyp"] if n else []
+        if any(t.kind == "instrument" for t in self.targets):
+            parts.append("an instrument")
+        return " and ".join(parts) + " in a colonoscopy image"
 
     def label_map(self) -> np.ndarray:
         """S x S uint8: 0 = background, ``i + 1`` = target ``i`` (masks are disjoint)."""

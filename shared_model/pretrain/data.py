@@ -142,10 +142,11 @@ class PretrainData:
                 items.append((item, class_prompt if rng.random() < t.class_prompt_fraction else caption))
                 own.append((self.tasks.samples[index].task.class_name,))
         for _ in range(t.batch_size - len(items)):
-            item = self.scenes[int(rng.integers(len(self.scenes)))]
+            index = int(rng.integers(len(self.scenes)))
+            item = self.scenes[index]
             if t.clip_on_scenes:
                 clip_rows.append(len(items))
-                captions.append(item["text"])
+                captions.append(self.scenes.frame_caption(index))
             items.append((item, item["text"]))
             own.append(SCENE_KINDS)
         images = torch.stack([it["image"] for it, _ in items])

@@ -119,6 +119,19 @@ def test_distractor_is_another_target_of_the_frame(scenes):
                 assert scene.targets[other].kind == "polyp"  # the hard negative
 
 
+def test_frame_caption_counts_every_target_and_names_none_in_particular(scenes):
+    ds = SceneDataset(FRAMES, SIZE, seed=3)
+    words = {1: "a polyp", 2: "two polyps", 3: "three polyps", 4: "four polyps"}
+    for i, item in enumerate(ds.items):
+        scene = scenes[item.frame]
+        caption = ds.frame_caption(i)
+        assert caption == scene.caption() and caption.endswith(" in a colonoscopy image")
+        polyps = sum(t.kind == "polyp" for t in scene.targets)
+        assert caption.startswith(words[polyps] if polyps else "an instrument")
+        assert ("an instrument" in caption) == any(t.kind == "instrument" for t in scene.targets)
+        assert not any(w in caption for w in ("large", "small", "red", "pale", "left", "right", "the "))
+
+
 def test_dataset_items_are_polyp_dataset_items_whose_mask_follows_the_text(scenes):
     dataset = SceneDataset(12, SIZE, seed=3)
     assert len(dataset) == len(scene_items(scenes[:12]))

@@ -238,6 +238,15 @@ def test_negative_prompts_change_only_text_batches_and_leave_other_runs_alone(sy
                                    "data": {"sources": []}})
 
 
+def test_clip_pairs_scene_frames_with_their_frame_caption():
+    data = PretrainData(small_config(None, clip_on_scenes=True))
+    batch = data.batch(0)
+    assert batch.clip_rows == list(range(len(batch.texts)))
+    assert all(c.endswith(" in a colonoscopy image") for c in batch.captions)
+    assert not set(batch.captions) & set(batch.texts)  # the frame, not the item's one-target prompt
+    assert PretrainData(small_config(None)).batch(0).clip_rows == []
+
+
 def test_committed_foundation_is_what_its_config_produces():
     """Each committed foundation's provenance names the fingerprint of the repository's config and the hashes
     of the committed files (the command run from that config writes these files)."""

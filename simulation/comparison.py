@@ -28,7 +28,6 @@ import copy
 import json
 import logging
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 import yaml
 
 from shared_model.config import ConfigError, from_dict, load_yaml, to_dict
-from shared_model.config.experiment import Experiment, apply_overrides, parse_experiment
+from shared_model.config.experiment import Experiment, apply_overrides, parse_experiment, source_commit
 from shared_model.config import blame_overrides
 from simulation.compare_jobs import (
     comparison_dataset,
@@ -48,7 +47,6 @@ from simulation.compare_jobs import (
     train_personalised,
     train_single_site,
 )
-from simulation.experiment import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +192,10 @@ def environment() -> dict[str, Any]:
     """What else a repeat needs: versions, commit, machine."""
     import flwr
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def run_comparison(config: str | Path, out: str | Path, overrides: Mapping[str, Any] | None = None,

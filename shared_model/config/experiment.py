@@ -24,6 +24,7 @@ against the project root (the folder holding ``pyproject.toml``).
 from __future__ import annotations
 
 import copy
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,6 +40,17 @@ from shared_model.config.privacy import PrivacyConfig, check_privacy, check_rehe
 from shared_model.config.site import DataConfig, TrainConfig, check_data, check_train
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def source_commit() -> str | None:
+    """The project's git commit (``git rev-parse HEAD``), or None outside a git checkout: what a
+    record needs besides its config when the code behind a config field changes."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation", "privacy",
             "adapter", "faults")
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared_model.config import ConfigError, to_dict
+from shared_model.config.experiment import source_commit
 from shared_model.config.pretrain import PretrainConfig, pretrain_fingerprint
 from shared_model.pretrain.data import PretrainData
 from shared_model.pretrain.export import export_foundation, write_provenance
@@ -173,6 +174,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, device:
                     "torch_threads": torch.get_num_threads(), "device": _device_name(device)},
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "command": command or [],
+        "code_commit": source_commit(),
         "config": to_dict(cfg),
     }
     write_provenance(out, record)

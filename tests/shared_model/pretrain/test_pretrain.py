@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from shared_model.config import ConfigError, get_preset
+from shared_model.config.experiment import source_commit
 from shared_model.config.pretrain import (
     PretrainConfig,
     PretrainTrainConfig,
@@ -113,6 +114,7 @@ def test_provenance_records_data_steps_and_fingerprint(foundation):
     assert {"sam_tiny.pth", "clip/open_clip_pytorch_model.bin", "text_to_sparse.pt"} <= set(record["files"])
     assert record["started_utc"] <= record["finished_utc"]
     assert {"torch", "open_clip"} <= set(record["versions"]) and record["seed"] == 0
+    assert record["code_commit"] == source_commit()  # the code behind the config's fields
     assert pretrain_config_from_dict(record["config"]) == cfg
 
 

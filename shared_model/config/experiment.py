@@ -50,7 +50,9 @@ def source_commit() -> str | None:
                              timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 SECTIONS = ("name", "model", "federation", "train", "data", "synthetic", "partition", "simulation", "privacy",
             "adapter", "faults")
 

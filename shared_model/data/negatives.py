@@ -26,6 +26,13 @@ from shared_model.data.scene_dataset import own_examples, with_rehearsal
 _STREAM = 0x6E6567  # separates this draw from the augmentation's (seed, epoch, index) stream
 
 
+def absent_prompt(text: str, own: Sequence[str], absent: str) -> str:
+    """``text`` naming ``absent`` instead: the first of the ``own`` class names found in it swapped
+    (``"a large red polyp ..."`` -> ``"a large red instrument ..."``), else ``absent`` alone."""
+    present = next((name for name in own if name in text), None)
+    return text.replace(present, absent, 1) if present else absent
+
+
 class NegativePrompts(Dataset):
     """``inner`` with a seeded ``fraction`` of its first ``own`` items turned into negatives.
 
@@ -80,9 +87,7 @@ class NegativePrompts(Dataset):
         item = dict(self.inner[index])
         absent = self.negative_class(index)
         if absent is not None:
-            own = self.own_class(index)
-            text = item["text"]
-            item["text"] = text.replace(own, absent, 1) if own in text else absent
+            item["text"] = absent_prompt(item["text"], [self.own_class(index)], absent)
             item["mask"] = torch.zeros_like(item["mask"])
         item["paired"] = torch.tensor(absent is None)
         return item

@@ -18,6 +18,7 @@ from shared_model.config import ConfigError, DataConfig
 from shared_model.config.experiment import PROJECT_ROOT
 from shared_model.config.pretrain import PretrainConfig
 from shared_model.data.dataset import PolypDataset
+from shared_model.data.negatives import absent_prompt
 from shared_model.data.scene_dataset import SCENE_CENTRE, SceneDataset
 from shared_model.data.sources import data_sources
 from shared_model.data.splits import build_splits
@@ -186,9 +187,7 @@ def negate_prompts(texts: list[str], masks: torch.Tensor, own: list[tuple[str, .
         candidates = [c for c in classes if c.strip() and c.lower() not in lower]
         if not candidates or rng.random() >= fraction:
             continue
-        absent = candidates[int(rng.integers(len(candidates)))]
-        present = next((n for n in names if n in texts[i]), None)
-        texts[i] = texts[i].replace(present, absent, 1) if present else absent
+        texts[i] = absent_prompt(texts[i], names, candidates[int(rng.integers(len(candidates)))])
         out = out.clone() if out is masks else out
         out[i] = 0
     return out

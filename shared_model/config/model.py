@@ -99,6 +99,10 @@ class ClipTextConfig:
     lora_alpha: float = 4.0
     lora_last_layers: int = 0
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # How the tower turns its tokens into one vector: an open_clip pooler name. BiomedCLIP's is
+    # "cls_last_hidden_state_pooler" (the [CLS] token's last hidden state); "mean_pooler" averages
+    # the real tokens. A checkpoint folder records its own, which this must match.
+    pooler: str = "cls_last_hidden_state_pooler"
 
 
 @dataclass

@@ -45,7 +45,8 @@ LATER_FIELDS = {("model", "foundation"): None, ("model", "loss", "coarse"): 1.0,
                 ("data", "negative_prompts"): 0.0,
                 ("data", "negative_classes"): list(DEFAULT_NEGATIVE_CLASSES),
                 ("pretrain", "negative_prompts"): 0.0,
-                ("pretrain", "negative_classes"): list(PRETRAIN_NEGATIVE_CLASSES)}
+                ("pretrain", "negative_classes"): list(PRETRAIN_NEGATIVE_CLASSES),
+                ("model", "clip", "text", "pooler"): "cls_last_hidden_state_pooler"}
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import open_clip
 import timm
 import torch
-from open_clip.hf_model import HFTextEncoder
+from open_clip.hf_model import _POOLERS, HFTextEncoder
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import HFTokenizer
 from timm.models import build_model_with_cfg, register_model
@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "open_clip_config.json"
 BIOMEDBERT_VOCAB_SIZE = 30522
 _FOLDER = "@FOLDER@"  # replaced by the written folder's path
+# open_clip's text poolers (``text_cfg.hf_pooler_type``) that ``model.clip.text.pooler`` may name;
+# its ``max_pooler`` is left out: it masks the real tokens instead of the padding (open_clip 3.x).
+POOLERS = {name: _POOLERS[name] for name in ("cls_last_hidden_state_pooler", "cls_pooler", "mean_pooler")}
 _BERT_KEYS = {
     "vocab_size": "vocab_size",
     "hidden_size": "width",
@@ -134,7 +137,7 @@ def preset_folder(cfg: ClipConfig) -> Path:
             "vision_cfg": {"timm_model_name": _timm_vit(v), "timm_model_pretrained": False, "timm_pool": "",
                            "timm_proj": "linear", "image_size": v.image_size},
             "text_cfg": {"hf_model_name": _FOLDER, "hf_tokenizer_name": _FOLDER, "hf_model_pretrained": False,
-                         "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                         "hf_proj_type": "mlp", "hf_pooler_type": t.pooler,
                          "context_length": t.context_length},
         },
         "preprocess_cfg": {"mean": list(v.mean), "std": list(v.std)},
@@ -193,11 +196,12 @@ def _validate(cfg: ClipConfig) -> None:
         ("text.n_ctx", 0 <= t.n_ctx <= t.context_length - 2,
          f"must be in [0, context_length - 2 = {t.context_length - 2}]"),
         ("text.lora_last_layers", 0 <= t.lora_last_layers <= t.depth, f"is outside [0, depth={t.depth}]"),
+        ("text.pooler", t.pooler in POOLERS, f"is not an open_clip text pooler; valid: {sorted(POOLERS)}"),
     ]
     for name, ok, why in checks:
         if not ok:
             part, field = name.split(".")
-            raise ConfigError(f"model.clip.{name}: {getattr(getattr(cfg, part), field)} {why}")
+            raise ConfigError(f"model.clip.{name}: {getattr(getattr(cfg, part), field)!r} {why}")
 
 
 def _text_cfg(folder: Path) -> dict[str, Any]:
@@ -229,7 +233,9 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
         "model.clip.vision.mean": [float(x) for x in pre["mean"]],
         "model.clip.vision.std": [float(x) for x in pre["std"]],
     }
-    return out | {f"model.clip.text.{name}": getattr(bert, key) for key, name in _BERT_KEYS.items()}
+    pooler = next((name for name, cls in _POOLERS.items() if type(model.text.pooler) is cls), None)
+    return out | {f"model.clip.text.{name}": getattr(bert, key) for key, name in _BERT_KEYS.items()} | {
+        "model.clip.text.pooler": pooler}
 
 
 def _check_matches(cfg: ClipConfig, model: nn.Module, path: Path) -> None:

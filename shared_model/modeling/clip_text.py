@@ -96,10 +96,9 @@ class ClipText(nn.Module):
             ctx = self.ctx.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             embeds = torch.cat([embeds[:, :1], ctx, embeds[:, 1:]], dim=1)
             mask = torch.cat([mask[:, :1], mask.new_ones(batch, self.n_ctx), mask[:, 1:]], dim=1)
-        if vmappable:
-            mask = _mask_4d(mask, embeds.dtype, self.transformer.config._attn_implementation)
-        out = self.transformer(inputs_embeds=embeds, attention_mask=mask)
-        return self.proj(self.pooler(out, mask))
+        attend = _mask_4d(mask, embeds.dtype, self.transformer.config._attn_implementation) if vmappable else mask
+        out = self.transformer(inputs_embeds=embeds, attention_mask=attend)
+        return self.proj(self.pooler(out, mask))  # B x L mask: a mean pooler averages the real tokens
 
     def check_token_ids(self, input_ids: torch.Tensor) -> None:
         """Raise ValueError unless every id lies in ``[0, vocab_size)``."""

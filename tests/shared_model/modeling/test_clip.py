@@ -106,6 +106,25 @@ def test_text_without_context_equals_open_clip():
         assert torch.allclose(text.eval()(ids, mask), model.eval().encode_text(tok.open_clip(CAPTIONS)), atol=1e-6)
 
 
+def test_mean_pooler_averages_the_real_tokens_in_both_forms():
+    """``text.pooler: mean_pooler``: open_clip's text embedding, padding left out, also in the vmappable form."""
+    _, text, tok, model = plain_towers(tiny(text={"n_ctx": 0, "pooler": "mean_pooler"}))
+    assert type(text.pooler) is open_clip.hf_model.MeanPooler
+    ids, mask = tok(CAPTIONS)
+    with torch.no_grad():
+        text.eval()
+        reference = model.eval().encode_text(tok.open_clip(CAPTIONS))
+        assert torch.allclose(text(ids, mask), reference, atol=1e-5)
+        assert torch.allclose(text(ids, mask, vmappable=True), reference, atol=1e-5)
+        one = text(ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+        assert torch.allclose(one, reference[:1], atol=1e-5)  # padding does not enter the mean
+
+
+def test_unknown_pooler_is_named():
+    with pytest.raises(ConfigError, match="model.clip.text.pooler: 'last' is not an open_clip text pooler.*mean_pooler"):
+        build_clip(tiny(text={"pooler": "last"}))
+
+
 # ------------------------------------------------------------------------------------------ adapters
 
 
@@ -263,6 +282,9 @@ def test_wrong_architecture_names_folder_and_keys(folder):
     shallow = tiny(vision={"depth": 3, "lora_last_blocks": 1})
     with pytest.raises(ConfigError, match="model.clip.vision.depth=3 \\(folder: 4\\)"):
         build_clip(dataclasses.replace(shallow, checkpoint=str(folder)))
+    mean = tiny(text={"pooler": "mean_pooler"})  # the folder's tower pools the [CLS] token
+    with pytest.raises(ConfigError, match="text.pooler='mean_pooler' \\(folder: 'cls_last_hidden_state_pooler'\\)"):
+        build_clip(dataclasses.replace(mean, checkpoint=str(folder)))
     # A missing key, an extra key (open_clip loads strictly); the position ids of older transformers are tolerated.
     weights = folder / "open_clip_pytorch_model.bin"
     state = torch.load(weights, weights_only=True)

@@ -129,7 +129,8 @@ def test_fingerprint_follows_the_weights_not_the_watching():
     for changed in (dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, lr=1e-3)),
                     dataclasses.replace(cfg, scenes=ScenesConfig(frames=5)),
                     dataclasses.replace(cfg, model=get_preset("tiny", {"sam": {"depth": 2,
-                                                                               "global_attn_indexes": [1]}}))):
+                                                                               "global_attn_indexes": [1]}})),
+                    dataclasses.replace(cfg, model=get_preset("tiny", {"clip": {"text": {"pooler": "mean_pooler"}}}))):
         assert pretrain_fingerprint(changed) != pretrain_fingerprint(cfg)
 
 

@@ -10,6 +10,9 @@ from shared_model.config.parse import ConfigError, _raise_first, from_dict
 
 # Prompts of scored sets: the class name (default), or the oracle built from each ground-truth mask.
 EVAL_PROMPTS = ("class", "oracle-caption")
+# Prompts of a site's training items: each item's attribute caption, its class name, or either of the
+# two drawn per item and epoch with even odds ("mixed": a model that answers both).
+PROMPT_MODES = ("attributes", "class", "mixed")
 
 
 DEFAULT_DATA_ROOT = "../shared/data/polyp"
@@ -66,7 +69,7 @@ class DataConfig:
     split_file: str | None = None
     on_error: str = "raise"  # "raise" or "skip" (skips are reported, never silent)
     augment: bool = True
-    prompt_mode: str = "attributes"  # "attributes" captions or "class" (the class name only)
+    prompt_mode: str = "attributes"  # one of PROMPT_MODES: "attributes" captions, "class" name, or "mixed"
     class_name: str | None = None  # None = each sample's task's class name; a string overrides all
     # Prompt of every scored set (val/test/evaluate): "class" (the class name, default) or
     # "oracle-caption" (captions of the ground-truth masks: optimistic, an upper bound).
@@ -153,7 +156,7 @@ def check_train(cfg: TrainConfig, prefix: str = "train.") -> None:
 
 def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
     """Check the choices and split fractions of a :class:`DataConfig`, naming the field."""
-    choices = [("on_error", ("raise", "skip")), ("prompt_mode", ("attributes", "class")),
+    choices = [("on_error", ("raise", "skip")), ("prompt_mode", PROMPT_MODES),
                ("eval_prompt", EVAL_PROMPTS)]
     for name, valid in choices:
         if getattr(cfg, name) not in valid:

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shared_model.config.site import EVAL_PROMPTS
+from shared_model.config.site import EVAL_PROMPTS, PROMPT_MODES
 from shared_model.data.folder import (
     CAPTION_MAX_SIZE,
-    PROMPT_MODES,
     DataError,
     Sample,
     check_on_error,
@@ -31,6 +30,7 @@ from shared_model.data.geometry import Frame, check_resize
 from shared_model.data.transforms import JointTransform, item_seed, single_thread
 
 log = logging.getLogger(__name__)
+_MIX_STREAM = 0x6D6978  # separates the mixed mode's draw from the augmentation's (seed, epoch, index) stream
 
 
 class PolypDataset(Dataset):
@@ -44,7 +44,8 @@ class PolypDataset(Dataset):
     Items are dicts: ``image`` float32 3 x S x S in [0, 1]; ``mask`` float32 1 x S x S in {0, 1};
     ``text`` the caption (``prompt_mode="attributes"``: the caption of the sample's task
     (:meth:`~shared_model.data.tasks.Task.caption`; for polyps :func:`attribute_caption`) of the
-    (augmented) mask and image, so the location words follow flips; ``"class"``: the class name);
+    (augmented) mask and image, so the location words follow flips; ``"class"``: the class name;
+    ``"mixed"``: either, drawn per item and epoch, :meth:`names_class`);
     ``stem`` and ``centre`` strings. Each sample's task (:attr:`Sample.task`) gives its class name
     and caption words, so one dataset can mix tasks; ``class_name`` overrides the noun for all.
 
@@ -247,7 +248,7 @@ class PolypDataset(Dataset):
     def _text(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> str:
         """The item's prompt; captions describe the unpadded image (3 x h x w) and mask (1 x h x w)."""
         task = self.samples[index].task
-        if self.prompt_mode == "class":
+        if self.prompt_mode == "class" or (self.prompt_mode == "mixed" and self.names_class(index)):
             return task.class_prompt(self.class_name)
         if self.transform is None and index in self._captions:
             return self._captions[index]
@@ -257,6 +258,11 @@ class PolypDataset(Dataset):
         if self.transform is None and self.cache:
             self._captions[index] = caption
         return caption
+
+    def names_class(self, index: int) -> bool:
+        """Whether item ``index`` is prompted by its class name in this epoch (``prompt_mode="mixed"``:
+        even odds, drawn from ``(seed, epoch, index)`` apart from the augmentation's draw)."""
+        return bool(np.random.default_rng([self.seed, self.epoch, index, _MIX_STREAM]).random() < 0.5)
 
     def centres(self) -> list[str]:
         """Sorted distinct centres of the samples."""

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ON_ERROR = ("raise", "skip")
-PROMPT_MODES = ("attributes", "class")
 CAPTION_MAX_SIZE = 256  # captions of larger items are computed on a strided subsample
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 

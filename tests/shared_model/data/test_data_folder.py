@@ -287,6 +287,27 @@ def test_cache_avoids_rereading(synthetic_root):
         uncached[2]
 
 
+def test_mixed_prompts_draw_name_or_caption_per_item_and_epoch(synthetic_root):
+    """``prompt_mode="mixed"``: each item is its class name or its caption (the same caption as the
+    attributes mode), drawn per (seed, epoch, index) with even odds; images and masks are untouched."""
+    samples, _ = list_samples(synthetic_root)
+    mixed, captions = PolypDataset(samples, 32, prompt_mode="mixed"), PolypDataset(samples, 32)
+    named = {}
+    for epoch in (0, 1):
+        mixed.set_epoch(epoch)
+        for i in range(len(mixed)):
+            item, caption = mixed[i], captions[i]
+            assert item["text"] == ("polyp" if mixed.names_class(i) else caption["text"])
+            assert torch.equal(item["image"], caption["image"]) and torch.equal(item["mask"], caption["mask"])
+            named[epoch, i] = mixed.names_class(i)
+    per_epoch = [sum(named[e, i] for i in range(len(mixed))) for e in (0, 1)]
+    assert all(0 < n < len(mixed) for n in per_epoch)  # 24 items at even odds: some of each
+    assert any(named[0, i] != named[1, i] for i in range(len(mixed)))  # drawn again each epoch
+    again = PolypDataset(samples, 32, prompt_mode="mixed")
+    assert [again[i]["text"] for i in range(len(again))] == [mixed.set_epoch(0) or mixed[i]["text"]
+                                                             for i in range(len(mixed))]
+
+
 def test_constructor_argument_checks(synthetic_root):
     samples, _ = list_samples(synthetic_root)
     with pytest.raises(ValueError, match="prompt_mode"):

@@ -43,7 +43,7 @@ PRETRAIN_NEGATIVE_CLASSES = ("polyp", "instrument", "breast tumour", "retinal bl
 LATER_FIELDS = {("model", "foundation"): None, ("model", "loss", "coarse"): 1.0,
                 ("data", "rehearsal_scenes"): 0, ("data", "rehearsal_seed"): 0,
                 ("data", "negative_prompts"): 0.0,
-                ("data", "negative_classes"): list(DEFAULT_NEGATIVE_CLASSES),
+                ("data", "negative_classes"): list(DEFAULT_NEGATIVE_CLASSES), ("data", "negative_phrases"): 0.0,
                 ("pretrain", "negative_prompts"): 0.0,
                 ("pretrain", "negative_classes"): list(PRETRAIN_NEGATIVE_CLASSES),
                 ("model", "clip", "text", "pooler"): "cls_last_hidden_state_pooler"}

@@ -84,6 +84,10 @@ class DataConfig:
     negative_prompts: float = 0.0
     # The absent classes drawn from (the item's own class is never drawn).
     negative_classes: list[str] = field(default_factory=lambda: list(DEFAULT_NEGATIVE_CLASSES))
+    # Probability that a negative names its absent class the way that class's task describes itself
+    # ("a breast tumour in an ultrasound image", Task.phrase) instead of inside the item's own prompt;
+    # classes of no known task keep the swap.
+    negative_phrases: float = 0.0
 
 
 @dataclass
@@ -173,6 +177,7 @@ def check_data(cfg: DataConfig, prefix: str = "data.") -> None:
         ("negative_prompts", 0.0 <= cfg.negative_prompts < 1.0, "must be in [0, 1) (0 = no negative prompts)"),
         ("negative_classes", not cfg.negative_prompts or any(str(c).strip() for c in cfg.negative_classes),
          "must name at least one class when negative_prompts > 0"),
+        ("negative_phrases", 0.0 <= cfg.negative_phrases <= 1.0, "must be in [0, 1]"),
     ], prefix)
     check_tasks(cfg, prefix)
 

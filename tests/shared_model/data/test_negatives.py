@@ -56,6 +56,27 @@ def test_negatives_swap_the_class_empty_the_mask_and_are_seeded_per_epoch(synthe
     assert cls[i]["text"] == cls.negative_class(i)
 
 
+def test_negative_phrases_name_the_absent_task_in_its_own_words_and_keep_the_other_draws(synthetic_root):
+    """``data.negative_phrases``: that share of negatives is the absent task's phrase; classes of no
+    task ("instrument") keep the swap; which items are negatives, and of which class, is unchanged."""
+    plain = site_training_set(_own(synthetic_root), DataConfig(negative_prompts=0.5), 64)
+    every = site_training_set(_own(synthetic_root), DataConfig(negative_prompts=0.5, negative_phrases=1.0), 64)
+    classes = [plain.negative_class(i) for i in range(len(plain))]
+    assert [every.negative_class(i) for i in range(len(every))] == classes
+    phrases = {"breast tumour": "a breast tumour in an ultrasound image",
+               "retinal blood vessels": "retinal blood vessels in a fundus photograph"}
+    assert {"breast tumour", "instrument"} <= set(classes)
+    for i, absent in enumerate(classes):
+        if absent is None:
+            assert every[i]["text"] == plain[i]["text"]
+        else:
+            assert every[i]["text"] == phrases.get(absent, plain[i]["text"])
+            assert every[i]["mask"].sum() == 0 and not every[i]["paired"]
+    half = site_training_set(_own(synthetic_root), DataConfig(negative_prompts=0.9, negative_phrases=0.5), 64)
+    texts = [half[i]["text"] for i in range(len(half)) if half.negative_class(i) in phrases]
+    assert 0 < sum(t in phrases.values() for t in texts) < len(texts)
+
+
 def test_rehearsal_scenes_are_never_negated_and_batches_carry_paired(synthetic_root):
     own = _own(synthetic_root, "class")
     wrapped = site_training_set(own, DataConfig(rehearsal_scenes=4, negative_prompts=0.9), 64)
@@ -107,6 +128,7 @@ def test_a_hospital_trains_with_negatives_weighs_its_images_and_scores_plain_set
     ({"negative_prompts": 1.0}, "x.yaml: data.negative_prompts: must be in [0, 1)"),
     ({"negative_prompts": -0.1}, "x.yaml: data.negative_prompts: must be in [0, 1)"),
     ({"negative_prompts": 0.2, "negative_classes": [" "]}, "x.yaml: data.negative_classes: must name"),
+    ({"negative_prompts": 0.2, "negative_phrases": 1.5}, "x.yaml: data.negative_phrases: must be in [0, 1]"),
 ])
 def test_bad_negative_prompt_settings_are_named(data, message):
     parse_experiment({"model": {"preset": "tiny"}, "data": {"negative_prompts": 0.2}}, "x.yaml")

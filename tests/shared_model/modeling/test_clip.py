@@ -99,8 +99,9 @@ def test_text_shapes_and_context(towers):
         text(too_long, torch.ones_like(too_long))
 
 
-def test_text_without_context_equals_open_clip():
-    _, text, tok, model = plain_towers(tiny(text={"n_ctx": 0}))
+@pytest.mark.parametrize("pooler", ["cls_last_hidden_state_pooler", "mean_pooler"])
+def test_text_without_context_equals_open_clip(pooler):
+    _, text, tok, model = plain_towers(tiny(text={"n_ctx": 0, "pooler": pooler}))
     ids, mask = tok(CAPTIONS)
     with torch.no_grad():
         assert torch.allclose(text.eval()(ids, mask), model.eval().encode_text(tok.open_clip(CAPTIONS)), atol=1e-6)

@@ -253,6 +253,21 @@ def test_clip_pairs_scene_frames_with_their_frame_caption():
     assert PretrainData(small_config(None)).batch(0).clip_rows == []
 
 
+def test_words_config_is_the_committed_config_plus_its_three_keys():
+    """pretrain_tiny_words.yaml: the committed foundation's config with the mean pooler and both text switches."""
+    configs = REPO / "simulation" / "configs"
+    words, committed = (load_pretrain_config(configs / name) for name in ("pretrain_tiny_words.yaml",
+                                                                            "pretrain_tiny.yaml"))
+    assert (words.model.clip.text.pooler, words.pretrain.negative_prompts, words.pretrain.clip_on_scenes) == (
+        "mean_pooler", 0.25, True)
+    assert pretrain_fingerprint(words) != pretrain_fingerprint(committed)
+    text = dataclasses.replace(words.model.clip.text, pooler=committed.model.clip.text.pooler)
+    model = dataclasses.replace(words.model, clip=dataclasses.replace(words.model.clip, text=text))
+    reset = dataclasses.replace(words, model=model, pretrain=dataclasses.replace(
+        words.pretrain, negative_prompts=0.0, clip_on_scenes=False))
+    assert reset == committed
+
+
 def test_committed_foundation_is_what_its_config_produces():
     """Each committed foundation's provenance names the fingerprint of the repository's config and the hashes
     of the committed files (the command run from that config writes these files)."""
